@@ -1,0 +1,81 @@
+"""Per-stage inversion: warm start, fixed-point iteration where it applies, then an L-BFGS polish."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from attacks.optim import fit_input, project, relative_residual, relu_consistency
+from attacks.peel.stages import Stage, _block, shortcut_pinv_start
+
+
+def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | None, upper: float | None,
+                iterations: int, tol: float = 1e-12) -> tuple[torch.Tensor, int]:
+    """Iterate ``x <- y - W2·ReLU(W1·x)`` on an identity-shortcut block (exact when the residual contracts).
+
+    With a ReLU after the addition, entries with ``y > 0`` follow the same update; entries with
+    ``y == 0`` only know ``x + r(x) <= 0``, so they move down to ``-r(x)`` if they violate it.
+    The returned iterate is the one with the smallest forward residual seen.
+    """
+    assert stage.residual is not None
+    best, best_res = x, relative_residual(stage.forward, x, y)
+    done = 0
+    with torch.no_grad():
+        for done in range(1, iterations + 1):
+            r = stage.residual(x)
+            new = torch.where(y > 0, y - r, torch.minimum(x, -r)) if stage.post_relu else y - r
+            new = project(new, lower, upper)
+            step = float((new - x).norm() / x.norm().clamp_min(1e-30))
+            x = new
+            if not torch.isfinite(x).all():
+                break
+            if done % 10 == 0 or step < tol:
+                res = relative_residual(stage.forward, x, y)
+                if res < best_res:
+                    best, best_res = x, res
+            if step < tol:
+                break
+    return best, done
+
+
+def warm_start(stage: Stage, y: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
+    """Where the solver starts: the output itself through an identity shortcut (x ≈ y), the shortcut's
+    least-squares inverse through a strided one, and mid-range (grey for an image) otherwise."""
+    if stage.kind == "block" and stage.identity_shortcut:
+        x0 = y.clone()
+    elif stage.kind == "block":
+        x0 = shortcut_pinv_start(stage, y)
+    else:
+        fill = 0.5 * (lower + upper) if lower is not None and upper is not None else 0.0
+        x0 = torch.full((y.shape[0], *stage.input_shape), fill, dtype=y.dtype)
+    return project(x0, lower, upper)
+
+
+def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, upper: float | None = None,
+                 max_iter: int = 300, fixed_point_iters: int = 100) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Find ``x`` within the bounds with ``stage.forward(x) ≈ y``; returns it and the stage's diagnostics."""
+    start = time.perf_counter()
+    x = warm_start(stage, y, lower, upper)
+    fp_iters = 0
+    if stage.identity_shortcut and fixed_point_iters > 0:
+        x, fp_iters = fixed_point(stage, y, x, lower, upper, fixed_point_iters)
+    data_loss = relu_consistency(stage.pre_relu, y) if stage.pre_relu is not None else None
+    fit = fit_input(stage.forward, y, x, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss)
+    return fit.x, {"stage": stage.name, "kind": stage.description[0] if stage.kind == "block" else "layers",
+                   "fixed_point_iterations": fp_iters, "lbfgs_iterations": fit.iterations,
+                   "residual": fit.residual, "seconds": time.perf_counter() - start}
+
+
+def invert_block(block: nn.Module, y: torch.Tensor, *, input_shape: tuple[int, ...] | None = None,
+                 lower: float | None = None, dtype: torch.dtype = torch.float64, **solver: Any
+                 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Invert one residual block on its own: the block input that reproduces output ``y``.
+
+    ``input_shape`` (C, H, W) is needed only when the block changes the shape.
+    """
+    stage = _block(type(block).__name__, block.eval(), dtype)
+    stage.input_shape = tuple(input_shape) if input_shape is not None else tuple(y.shape[1:])
+    x, diag = invert_stage(stage, y.detach().to(dtype), lower=lower, **solver)
+    return x, diag

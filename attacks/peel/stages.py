@@ -1,0 +1,229 @@
+"""The client half as a chain of invertible stages: layer groups (e.g. the stem) and residual blocks.
+
+BatchNorm is folded into the preceding convolution (eval-mode statistics), so each stage is
+written in the paper's terms: a block computes ``y = S(x) + W2·ReLU(W1·x)`` (then ReLU when the
+block has one after the addition), with ``S`` the identity or a 1x1 strided convolution.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision.models.resnet as tv_resnet
+from torch import nn
+
+from splitnn import zoo
+from splitnn.split import client_modules
+
+
+class UnsupportedLayerError(ValueError):
+    """The client half contains an operation PEEL has no inverse for."""
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> nn.Conv2d:
+    """A copy of ``conv`` (in ``dtype``) that computes ``bn(conv(x))`` with ``bn``'s eval-mode statistics."""
+    folded = copy.deepcopy(conv).to(dtype)
+    weight = folded.weight.detach()
+    bias = folded.bias.detach() if folded.bias is not None else torch.zeros(weight.shape[0], dtype=dtype)
+    if bn is not None:
+        scale = bn.weight.detach().to(dtype) / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
+        weight = weight * scale.view(-1, 1, 1, 1)
+        bias = (bias - bn.running_mean.to(dtype)) * scale + bn.bias.detach().to(dtype)
+    folded.weight = nn.Parameter(weight, requires_grad=False)
+    folded.bias = nn.Parameter(bias, requires_grad=False)
+    return folded
+
+
+def _frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    module = copy.deepcopy(module).to(dtype).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+@dataclass
+class Stage:
+    """One invertible piece of the client: ``forward`` maps its input to its output."""
+
+    name: str
+    kind: str                      # "layers" or "block"
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    output_nonnegative: bool       # its output is >= 0 (ends in a ReLU), which bounds the next stage's input
+    #: ``forward`` without its final ReLU, when the stage ends in one (lets solvers treat zeros as constraints)
+    pre_relu: Callable[[torch.Tensor], torch.Tensor] | None = None
+    input_shape: tuple[int, ...] = ()
+    # Blocks only: the residual branch, the shortcut (None = identity) and the post-addition ReLU.
+    residual: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shortcut: nn.Conv2d | None = None
+    post_relu: bool = False
+    description: list[str] = field(default_factory=list)
+
+    @property
+    def identity_shortcut(self) -> bool:
+        return self.kind == "block" and self.shortcut is None
+
+
+# ---------------------------------------------------------------- layer groups (stem, head, ...)
+
+_ELEMENTWISE_NONNEG = (nn.ReLU,)
+_SHAPE_ONLY = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Flatten, nn.Dropout)
+
+
+def _layer_group(name: str, items: list[tuple[str, nn.Module | None, object]], dtype: torch.dtype) -> Stage:
+    ops: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    description: list[str] = []
+    nonneg = False
+    i = 0
+    while i < len(items):
+        item_name, module, node = items[i]
+        nxt = items[i + 1][1] if i + 1 < len(items) else None
+        if isinstance(module, nn.Conv2d):
+            bn = nxt if isinstance(nxt, nn.BatchNorm2d) else None
+            ops.append(fold_conv_bn(module, bn, dtype))
+            description.append(item_name + ("+" + items[i + 1][0] if bn is not None else ""))
+            i += 2 if bn is not None else 1
+            nonneg = False
+            continue
+        if isinstance(module, nn.BatchNorm2d):
+            ops.append(_frozen(module, dtype))
+            nonneg = False
+        elif isinstance(module, _ELEMENTWISE_NONNEG):
+            ops.append(torch.relu)
+            nonneg = True
+        elif isinstance(module, (nn.PReLU, nn.Linear)):
+            ops.append(_frozen(module, dtype))
+            nonneg = False
+        elif isinstance(module, _SHAPE_ONLY):
+            ops.append(_frozen(module, dtype))  # keeps the sign: a pool of non-negatives is non-negative
+        elif module is None and getattr(node, "target", None) in (torch.flatten,):
+            args = getattr(node, "args", ())
+            start_dim = args[1] if len(args) > 1 else 1
+            ops.append(lambda x, s=start_dim: torch.flatten(x, s))
+        else:
+            what = type(module).__name__ if module is not None else str(getattr(node, "target", node))
+            raise UnsupportedLayerError(f"unsupported layer {what} at {item_name}: PEEL inverts convolutions, "
+                                        "BatchNorm, ReLU/PReLU, pooling, linear layers and residual blocks")
+        description.append(item_name)
+        i += 1
+
+    def run(x: torch.Tensor, chain: list[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+        for op in chain:
+            x = op(x)
+        return x
+
+    ends_in_relu = bool(ops) and ops[-1] is torch.relu
+    pre_relu = (lambda x: run(x, ops[:-1])) if ends_in_relu else None
+    return Stage(name, "layers", lambda x: run(x, ops), nonneg, pre_relu=pre_relu, description=description)
+
+
+# ---------------------------------------------------------------- residual blocks
+
+def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
+    if isinstance(block, zoo.BasicBlock):
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        post_relu = block.post_relu
+    elif isinstance(block, tv_resnet.BasicBlock):
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        post_relu = True
+    elif isinstance(block, tv_resnet.Bottleneck):
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
+        post_relu = True
+    else:  # pragma: no cover - guarded by the caller
+        raise UnsupportedLayerError(f"unsupported layer {type(block).__name__} at {name}")
+    folded = [fold_conv_bn(conv, bn, dtype) for conv, bn in convs]
+    shortcut = None
+    if block.downsample is not None:
+        layers = list(block.downsample)
+        if not isinstance(layers[0], nn.Conv2d) or len(layers) > 2 or (
+                len(layers) == 2 and not isinstance(layers[1], nn.BatchNorm2d)):
+            raise UnsupportedLayerError(f"unsupported layer {block.downsample} at {name}.downsample: "
+                                        "expected a 1x1 convolution, optionally with BatchNorm")
+        shortcut = fold_conv_bn(layers[0], layers[1] if len(layers) == 2 else None, dtype)
+
+    def residual(x: torch.Tensor) -> torch.Tensor:
+        for conv in folded[:-1]:
+            x = torch.relu(conv(x))
+        return folded[-1](x)
+
+    def pre_activation(x: torch.Tensor) -> torch.Tensor:
+        return (x if shortcut is None else shortcut(x)) + residual(x)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        z = pre_activation(x)
+        return torch.relu(z) if post_relu else z
+
+    kind = f"{type(block).__name__}({'identity' if shortcut is None else 'conv'} shortcut" \
+           f"{', post-ReLU' if post_relu else ''})"
+    return Stage(name, "block", forward, post_relu, pre_relu=pre_activation if post_relu else None,
+                 residual=residual, shortcut=shortcut, post_relu=post_relu, description=[kind])
+
+
+BLOCKS = (zoo.BasicBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+
+
+def build_stages(client: nn.Module, dtype: torch.dtype = torch.float64) -> list[Stage]:
+    """Split ``client`` (a half from ``splitnn.split``) into stages; raises UnsupportedLayerError."""
+    if not hasattr(client, "graph"):
+        raise UnsupportedLayerError("PEEL needs a client half made by splitnn.split (a traced module)")
+    stages: list[Stage] = []
+    pending: list[tuple[str, nn.Module | None, object]] = []
+
+    def flush() -> None:
+        if pending:
+            name = pending[0][0] if len(pending) == 1 else f"{pending[0][0]}..{pending[-1][0]}"
+            stages.append(_layer_group(name, list(pending), dtype))
+            pending.clear()
+
+    for name, module, node in client_modules(client):
+        if isinstance(module, BLOCKS):
+            flush()
+            stages.append(_block(name, module, dtype))
+        else:
+            pending.append((name, module, node))
+    flush()
+    return stages
+
+
+def extract_stages(client: nn.Module, image_shape: tuple[int, int, int], dtype: torch.dtype = torch.float64,
+                   check: bool = True) -> list[Stage]:
+    """The stages of ``client`` with each stage's input shape recorded.
+
+    With ``check`` the chain of stages is verified to reproduce ``client`` on a random input,
+    which catches blocks whose forward differs from the standard one.
+    """
+    stages = build_stages(client, dtype)
+    x = torch.rand(2, *image_shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    probe = x
+    with torch.no_grad():
+        for stage in stages:
+            stage.input_shape = tuple(probe.shape[1:])
+            probe = stage.forward(probe)
+        if check:
+            expected = copy.deepcopy(client).eval().to(dtype)(x)
+            error = float((probe - expected).norm() / expected.norm().clamp_min(1e-30))
+            if error > 1e-6:
+                raise UnsupportedLayerError(f"the stages PEEL extracted do not reproduce the client half "
+                                            f"(relative error {error:.2e}); a block's forward is non-standard")
+    return stages
+
+
+def shortcut_pinv_start(stage: Stage, y: torch.Tensor) -> torch.Tensor:
+    """Warm start for a block with a strided 1x1 shortcut: least-squares inverse of the shortcut alone.
+
+    The shortcut only sees every ``stride``-th pixel; the pixels it skips are filled with their
+    nearest seen neighbour (a smoothness prior), since the block's output does not pin them down
+    on its own.
+    """
+    conv = stage.shortcut
+    assert conv is not None
+    weight = conv.weight.detach()[:, :, 0, 0]          # (C_out, C_in)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=y.dtype)
+    rhs = (y - bias.view(1, -1, 1, 1)).permute(0, 2, 3, 1)  # (N, h, w, C_out)
+    sub = (rhs @ torch.linalg.pinv(weight).T).permute(0, 3, 1, 2)  # (N, C_in, h, w)
+    stride = conv.stride[0]
+    full = sub.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)
+    c, h, w = stage.input_shape
+    return F.pad(full, (0, max(0, w - full.shape[3]), 0, max(0, h - full.shape[2])), mode="replicate")[..., :h, :w]

@@ -1,0 +1,26 @@
+"""Defenses by name: ``defenses.get("gaussian_noise", scale=0.1)``."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from defenses.base import Defense
+from splitnn.registry import Registry
+
+_registry: Registry[Defense] = Registry("defense")
+
+
+def register(name: str) -> Callable[[type[Defense]], type[Defense]]:
+    def decorate(cls: type[Defense]) -> type[Defense]:
+        cls.name = name
+        _registry.register(name)(cls)
+        return cls
+    return decorate
+
+
+def get(name: str, **params: Any) -> Defense:
+    """Build the defense registered as ``name``; bad parameters raise ParameterError before any work."""
+    return _registry.get(name, **params)
+
+
+def names() -> list[str]:
+    return _registry.names()

@@ -1,0 +1,78 @@
+"""The ``leakbench`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from splitnn.errors import ParameterError
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from evaluation.config import load_config
+
+    config = load_config(args.config)
+    cells = config.cells()
+    for cell in cells:
+        print(f"{cell.key}  {cell.label()}")
+    print(f"{len(cells)} cells in {config.name}: config is valid")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from evaluation.config import load_config
+    from evaluation.outputs import write_outputs
+    from evaluation.runner import Matrix
+    from evaluation.store import ResultStore
+
+    config = load_config(args.config)  # validated completely before any work
+    out = Path(args.out) if args.out else Path("results") / config.name
+    start = time.perf_counter()
+    matrix = Matrix(config, cache_dir=args.cache_dir, progress=not args.quiet)
+    with ResultStore(out / "results.sqlite") as store:
+        summary = matrix.run(store)
+        paths = write_outputs(store, matrix, out)
+    elapsed = time.perf_counter() - start
+    print(paths["table_text"])
+    print(f"\n{summary.done} done, {summary.skipped} already done, {summary.failed} failed, "
+          f"{summary.not_applicable} not applicable in {elapsed:.1f} s")
+    for name, path in paths.items():
+        if name != "table_text":
+            print(f"{name}: {path}")
+    return 1 if summary.failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leakbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every cell of a YAML config and write the results")
+    run.add_argument("config", help="path to the YAML config")
+    run.add_argument("--out", help="output directory (default: results/<config name>)")
+    run.add_argument("--cache-dir", help="where trained models are cached (default: $LEAKBENCH_CACHE "
+                                         "or ~/.cache/leakbench)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+    validate = sub.add_parser("validate", help="check a config and list the cells it would run")
+    validate.add_argument("config")
+    validate.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ParameterError as exc:
+        print(f"leakbench: config error in {args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as exc:
+        print(f"leakbench: cannot read {getattr(exc, 'filename', '') or args.config}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""YAML experiment configs: loaded with ``yaml.safe_load``, validated completely before any work,
+and expanded into cells (dataset, model, cut, defense, attack, seed)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import attacks
+import defenses
+from splitnn import datasets, zoo
+from splitnn.errors import ParameterError, check_number
+from splitnn.split import valid_cuts
+from splitnn.training import TrainConfig, config_hash
+
+TOP_LEVEL_KEYS = {"name", "seed", "dataset", "model", "train", "cut", "defenses", "attacks", "evaluation"}
+TRAIN_KEYS = {"epochs", "lr", "batch_size", "weight_decay"}
+EVALUATION_KEYS = {"num_images"}
+
+
+class ConfigError(ParameterError):
+    """An invalid config; the key is a path into the YAML, e.g. ``defenses[1].params.scale``."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix; ``key`` is the hash of its full resolved config."""
+
+    config: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return config_hash(self.config)
+
+    def __getitem__(self, item: str) -> Any:
+        return self.config[item]
+
+    def train_config(self) -> TrainConfig:
+        c = self.config
+        return TrainConfig(model=c["model"]["name"], dataset=c["dataset"]["name"],
+                           model_params=c["model"]["params"], dataset_params=c["dataset"]["params"],
+                           seed=c["seed"], **c["train"])
+
+    def short_label(self) -> str:
+        """Cut, defense with its parameters, and attack name, on three lines (for figures)."""
+        d = self.config["defense"]
+        params = ", ".join(f"{k}={v}" for k, v in d["params"].items())
+        return f"{self.config['cut']}\n{d['name']}({params})\n{self.config['attack']['name']}"
+
+    def label(self) -> str:
+        def fmt(part: dict[str, Any]) -> str:
+            params = ", ".join(f"{k}={v}" for k, v in part["params"].items())
+            return f"{part['name']}({params})" if params else part["name"]
+        return f"{self.config['cut']} | {fmt(self.config['defense'])} | {fmt(self.config['attack'])} | " \
+               f"seed {self.config['seed']}"
+
+
+def _named(value: Any, key: str) -> dict[str, Any]:
+    """``name`` or ``{name: ..., params: {...}}`` -> ``{"name": ..., "params": {...}}``."""
+    if isinstance(value, str):
+        return {"name": value, "params": {}}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(key, value, "a name or a mapping with 'name' (and optional 'params')")
+    extra = set(value) - {"name", "params"}
+    if extra:
+        raise ConfigError(f"{key}.{sorted(extra)[0]}", value[sorted(extra)[0]], "only the keys 'name' and 'params'")
+    params = value.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{key}.params", params, "a mapping of parameter names to values")
+    return {"name": value["name"], "params": dict(params)}
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(key, value, "a non-empty list")
+    return items
+
+
+def _build(registry_get, spec: dict[str, Any], key: str) -> Any:
+    try:
+        return registry_get(spec["name"], **spec["params"])
+    except ParameterError as exc:
+        path = f"{key}.name" if exc.key == "name" else f"{key}.params.{exc.key}"
+        raise ConfigError(path, exc.value, exc.expected) from None
+
+
+class ExperimentConfig:
+    """A validated config. Construction checks every key; ``cells()`` expands the grid."""
+
+    def __init__(self, raw: Any, source: str = "<config>"):
+        self.source = source
+        if not isinstance(raw, dict):
+            raise ConfigError("<top level>", raw, "a mapping of config keys")
+        unknown = set(raw) - TOP_LEVEL_KEYS
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(key, raw[key], "no such key; known keys: " + ", ".join(sorted(TOP_LEVEL_KEYS)))
+        for required in ("dataset", "model", "cut", "defenses", "attacks"):
+            if required not in raw:
+                raise ConfigError(required, None, "this key to be present")
+        self.raw = copy.deepcopy(raw)
+        self.name = str(raw.get("name", Path(source).stem))
+        self.seeds = [check_number(f"seed[{i}]", s, low=0, integer=True)
+                      for i, s in enumerate(_as_list(raw.get("seed", 0), "seed"))]
+        self.dataset = _named(raw["dataset"], "dataset")
+        self.model = _named(raw["model"], "model")
+        self.train = self._section(raw.get("train") or {}, "train", TRAIN_KEYS)
+        self.evaluation = {"num_images": 16, **self._section(raw.get("evaluation") or {}, "evaluation",
+                                                              EVALUATION_KEYS)}
+        check_number("evaluation.num_images", self.evaluation["num_images"], low=1, integer=True)
+        self.cuts = _as_list(raw["cut"], "cut")
+        self.defenses = [_named(d, f"defenses[{i}]") for i, d in enumerate(_as_list(raw["defenses"], "defenses"))]
+        self.attacks = [_named(a, f"attacks[{i}]") for i, a in enumerate(_as_list(raw["attacks"], "attacks"))]
+        self._validate()
+
+    @staticmethod
+    def _section(value: Any, key: str, known: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "a mapping")
+        for k in value:
+            if k not in known:
+                raise ConfigError(f"{key}.{k}", value[k], "no such key; known keys: " + ", ".join(sorted(known)))
+        return dict(value)
+
+    def _validate(self) -> None:
+        """Build everything once (cheaply) so every bad key fails now; resolve defaults into the config
+        so that a cell's hash covers its full configuration."""
+        data = _build(datasets.get, self.dataset, "dataset")
+        self.dataset["params"] = dict(data.params)
+        model_params = {"num_classes": data.num_classes, "in_channels": data.in_channels, **self.model["params"]}
+        model = _build(zoo.get, {"name": self.model["name"], "params": model_params}, "model")
+        try:
+            train = TrainConfig(model=self.model["name"], dataset=self.dataset["name"], **self.train)
+        except ParameterError as exc:
+            raise ConfigError(f"train.{exc.key}", exc.value, exc.expected) from None
+        self.train = {k: getattr(train, k) for k in sorted(TRAIN_KEYS)}
+        cuts = valid_cuts(model)
+        for i, cut in enumerate(self.cuts):
+            if cut not in cuts:
+                raise ConfigError(f"cut[{i}]" if len(self.cuts) > 1 else "cut", cut,
+                                  "a module after which the model can be cut: " + ", ".join(cuts))
+        for i, spec in enumerate(self.defenses):
+            spec["params"] = dict(_build(defenses.get, spec, f"defenses[{i}]").params)
+        for i, spec in enumerate(self.attacks):
+            spec["params"] = dict(_build(attacks.get, spec, f"attacks[{i}]").params)
+
+    def cells(self) -> list[Cell]:
+        """The grid: every seed x cut x defense x attack, in that nesting order."""
+        cells = []
+        for seed in self.seeds:
+            for cut in self.cuts:
+                for defense in self.defenses:
+                    for attack in self.attacks:
+                        cells.append(Cell({
+                            "dataset": self.dataset, "model": self.model, "train": self.train, "cut": cut,
+                            "defense": defense, "attack": attack, "seed": seed, "evaluation": self.evaluation}))
+        return cells
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate a YAML config; raises ConfigError (naming the key) or OSError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "<unparseable YAML>", f"valid YAML ({exc})") from None
+    return ExperimentConfig(raw, str(path))

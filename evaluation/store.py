@@ -1,0 +1,162 @@
+"""The result store: SQLite, one row per cell and one per image, each cell written in one transaction.
+
+Schema:
+- ``runs(run_id, started_at, finished_at, config_json, provenance_json)``: one row per invocation.
+- ``cells(cell_key, run_id, status, reason, <identity columns>, accuracy, <metric>, <metric>_ci_low,
+  <metric>_ci_high, ..., guarantee_json, diagnostics_json, wall_time_s, peak_rss_mb, config_json,
+  finished_at)``: one row per cell, keyed by the hash of its full config. ``status`` is ``done``,
+  ``failed`` (``reason`` holds the error) or ``not_applicable`` (``reason`` says why).
+- ``images(cell_key, image_index, <metric>...)``: per-image metrics of a done cell.
+- ``reconstructions(cell_key, images)``: the reconstructed images (a compressed float16 array).
+Metric columns are added when a metric first appears, so new metrics need no migration.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+IDENTITY_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params", "attack", "attack_params", "seed"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, config_json TEXT, provenance_json TEXT);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_key TEXT PRIMARY KEY, run_id TEXT, status TEXT NOT NULL, reason TEXT,
+    dataset TEXT, model TEXT, cut TEXT, defense TEXT, defense_params TEXT, attack TEXT, attack_params TEXT,
+    seed INTEGER, accuracy REAL, guarantee_json TEXT, diagnostics_json TEXT, wall_time_s REAL,
+    peak_rss_mb REAL, config_json TEXT, finished_at REAL);
+CREATE TABLE IF NOT EXISTS images (
+    cell_key TEXT NOT NULL, image_index INTEGER NOT NULL, PRIMARY KEY (cell_key, image_index));
+CREATE TABLE IF NOT EXISTS reconstructions (cell_key TEXT PRIMARY KEY, images BLOB);
+"""
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def encode_images(images: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=images.detach().cpu().numpy().astype(np.float16))
+    return buffer.getvalue()
+
+
+def decode_images(blob: bytes) -> torch.Tensor:
+    with np.load(io.BytesIO(blob)) as data:
+        return torch.from_numpy(data["images"].astype(np.float32))
+
+
+class ResultStore:
+    """SQLite store of runs, cells and per-image metrics; a finished cell is never recomputed."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(self.path)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema growth ------------------------------------------------------------------------
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")}
+
+    def _ensure_columns(self, table: str, names: Iterable[str]) -> None:
+        existing = self._columns(table)
+        for name in names:
+            if name not in existing:
+                if not name.replace("_", "").isalnum():
+                    raise ValueError(f"bad metric name {name!r}")
+                self.connection.execute(f"ALTER TABLE {table} ADD COLUMN {name} REAL")
+
+    # -- runs -----------------------------------------------------------------------------------
+    def start_run(self, config: Any, provenance: dict[str, Any]) -> str:
+        run_id = uuid.uuid4().hex[:12]
+        with self.connection:
+            self.connection.execute("INSERT INTO runs VALUES (?, ?, NULL, ?, ?)",
+                                    (run_id, time.time(), _json(config), _json(provenance)))
+        return run_id
+
+    def finish_run(self, run_id: str) -> None:
+        with self.connection:
+            self.connection.execute("UPDATE runs SET finished_at = ? WHERE run_id = ?", (time.time(), run_id))
+
+    # -- cells ----------------------------------------------------------------------------------
+    def status(self, cell_key: str) -> str | None:
+        row = self.connection.execute("SELECT status FROM cells WHERE cell_key = ?", (cell_key,)).fetchone()
+        return row[0] if row else None
+
+    def write_cell(self, cell_key: str, run_id: str, config: dict[str, Any], status: str, *,
+                   reason: str | None = None, accuracy: float | None = None,
+                   summary: dict[str, tuple[float, float, float]] | None = None,
+                   per_image: dict[str, list[float]] | None = None, reconstruction: torch.Tensor | None = None,
+                   guarantee: dict[str, Any] | None = None, diagnostics: dict[str, Any] | None = None,
+                   wall_time_s: float | None = None, peak_rss_mb: float | None = None) -> None:
+        """Write (or replace) one cell with its images, atomically."""
+        summary = summary or {}
+        per_image = per_image or {}
+        row: dict[str, Any] = {
+            "cell_key": cell_key, "run_id": run_id, "status": status, "reason": reason,
+            "dataset": config["dataset"]["name"], "model": config["model"]["name"], "cut": config["cut"],
+            "defense": config["defense"]["name"], "defense_params": _json(config["defense"]["params"]),
+            "attack": config["attack"]["name"], "attack_params": _json(config["attack"]["params"]),
+            "seed": config["seed"], "accuracy": accuracy, "guarantee_json": _json(guarantee or {}),
+            "diagnostics_json": _json(diagnostics or {}), "wall_time_s": wall_time_s, "peak_rss_mb": peak_rss_mb,
+            "config_json": _json(config), "finished_at": time.time()}
+        for metric, (mean, low, high) in summary.items():
+            row.update({metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+        with self.connection:
+            self._ensure_columns("cells", [k for k in row if k not in self._columns("cells")])
+            self._ensure_columns("images", per_image)
+            names = ", ".join(row)
+            self.connection.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({', '.join('?' * len(row))})",
+                                    list(row.values()))
+            self.connection.execute("DELETE FROM images WHERE cell_key = ?", (cell_key,))
+            self.connection.execute("DELETE FROM reconstructions WHERE cell_key = ?", (cell_key,))
+            if per_image:
+                metrics = list(per_image)
+                count = len(next(iter(per_image.values())))
+                self.connection.executemany(
+                    f"INSERT INTO images (cell_key, image_index, {', '.join(metrics)}) "
+                    f"VALUES (?, ?, {', '.join('?' * len(metrics))})",
+                    [(cell_key, i, *[per_image[m][i] for m in metrics]) for i in range(count)])
+            if reconstruction is not None:
+                self.connection.execute("INSERT INTO reconstructions VALUES (?, ?)",
+                                        (cell_key, encode_images(reconstruction)))
+
+    # -- reading --------------------------------------------------------------------------------
+    def cells(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
+        frame = pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.connection)
+        if keys is not None:
+            order = {k: i for i, k in enumerate(keys)}
+            frame = frame[frame.cell_key.isin(order)]
+            frame = frame.iloc[frame.cell_key.map(order).argsort()].reset_index(drop=True)
+        return frame
+
+    def images(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM images ORDER BY cell_key, image_index", self.connection)
+
+    def runs(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM runs ORDER BY started_at", self.connection)
+
+    def reconstruction(self, cell_key: str) -> torch.Tensor | None:
+        row = self.connection.execute("SELECT images FROM reconstructions WHERE cell_key = ?",
+                                      (cell_key,)).fetchone()
+        return decode_images(row[0]) if row else None

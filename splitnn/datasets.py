@@ -1,0 +1,96 @@
+"""Image datasets that exist offline, as float tensors in [0, 1] with a fixed stratified train/test split.
+
+``digits`` (scikit-learn's bundled 8x8 digits) is the embedded default. ``lfw_faces`` is
+scikit-image's ``lfw_subset``: 100 real LFW faces and 100 non-face patches (label 1 = face).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from splitnn.errors import check_number
+from splitnn.registry import Registry
+
+_registry: Registry["Dataset"] = Registry("dataset")
+
+
+@dataclass
+class Dataset:
+    """Train and test images (N, C, H, W) in [0, 1] with integer labels."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+
+def _to_tensor(images: np.ndarray, size: int, channels: int) -> torch.Tensor:
+    """(N, H, W) in [0, 1] -> (N, channels, size, size), bilinear resize, clipped back into [0, 1]."""
+    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.clamp(0.0, 1.0).repeat(1, channels, 1, 1).contiguous()
+
+
+def _split(name: str, images: np.ndarray, labels: np.ndarray, size: int, channels: int,
+           test_fraction: float, split_seed: int, num_classes: int, params: dict) -> Dataset:
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                           random_state=split_seed, stratify=labels)
+    x = _to_tensor(images, size, channels)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return Dataset(name, x[idx_train], y[idx_train], x[idx_test], y[idx_test], num_classes, params)
+
+
+def _check_common(size: int, channels: int, test_fraction: float) -> None:
+    check_number("size", size, low=8, high=512, integer=True)
+    check_number("channels", channels, low=1, high=3, integer=True)
+    check_number("test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
+
+
+@_registry.register("digits")
+def digits(size: int = 32, channels: int = 3, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), upsampled to ``size``."""
+    from sklearn.datasets import load_digits
+
+    _check_common(size, channels, test_fraction)
+    bunch = load_digits()
+    images = bunch.images / 16.0
+    params = dict(size=size, channels=channels, test_fraction=test_fraction, split_seed=split_seed)
+    return _split("digits", images, bunch.target, size, channels, test_fraction, split_seed, 10, params)
+
+
+@_registry.register("lfw_faces")
+def lfw_faces(size: int = 32, channels: int = 3, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
+    """scikit-image's ``lfw_subset``: 100 LFW faces (label 1) and 100 non-faces (label 0), 25x25."""
+    from skimage.data import lfw_subset
+
+    _check_common(size, channels, test_fraction)
+    images = lfw_subset()  # already float64 in [0, 1]
+    labels = np.array([1] * 100 + [0] * 100)
+    params = dict(size=size, channels=channels, test_fraction=test_fraction, split_seed=split_seed)
+    return _split("lfw_faces", images, labels, size, channels, test_fraction, split_seed, 2, params)
+
+
+def get(name: str, **params: Any) -> Dataset:
+    """Load a dataset by name, e.g. ``datasets.get("digits", size=32)``."""
+    return _registry.get(name, **params)
+
+
+def names() -> list[str]:
+    return _registry.names()

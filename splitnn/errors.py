@@ -1,0 +1,51 @@
+"""Errors and parameter checks shared by every package, so bad input fails early and says why."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+class ParameterError(ValueError):
+    """A parameter (or config key) has a bad value; names the key, the value and what was expected."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}: got {value!r}, expected {expected}")
+
+    def under(self, prefix: str) -> "ParameterError":
+        """The same error with its key placed under a config path, e.g. ``defenses[1].params``."""
+        return ParameterError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.expected)
+
+
+def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
+    """Return ``value`` if it is a number inside the given bounds, else raise ParameterError."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ParameterError(key, value, kind)
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+    expected = kind + (" " + " and ".join(bounds) if bounds else "")
+    if value != value:  # NaN
+        raise ParameterError(key, value, expected)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ParameterError(key, value, expected)
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ParameterError(key, value, expected)
+    return value
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> Any:
+    choices = list(choices)
+    if value not in choices:
+        raise ParameterError(key, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ParameterError(key, value, "true or false")
+    return value

@@ -1,0 +1,135 @@
+"""Train a zoo model on a dataset, with a checkpoint cache keyed by the hash of the training config."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from splitnn import datasets as datasets_mod
+from splitnn import zoo
+from splitnn.errors import check_number
+
+CACHE_ENV = "LEAKBENCH_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$LEAKBENCH_CACHE`` or ``~/.cache/leakbench``."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "leakbench"))
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable short hash of a JSON-able config (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained model; its hash names the checkpoint."""
+
+    model: str
+    dataset: str
+    model_params: dict[str, Any] = field(default_factory=dict)
+    dataset_params: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 15
+    lr: float = 0.05
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_number("epochs", self.epochs, low=0, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("seed", self.seed, low=0, integer=True)
+
+    def key(self) -> str:
+        return config_hash(asdict(self))
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module
+    config: TrainConfig
+    test_accuracy: float
+    from_cache: bool
+    path: Path | None
+    train_seconds: float
+
+
+def build_model(config: TrainConfig, data: datasets_mod.Dataset) -> nn.Module:
+    params = {"num_classes": data.num_classes, "in_channels": data.in_channels, **config.model_params}
+    return zoo.get(config.model, **params)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``(x, y)``."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    model.eval()
+    logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return float(multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro"))
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+        weight_decay: float, seed: int, progress: bool = True) -> nn.Module:
+    """SGD with momentum and a cosine schedule; deterministic given ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
+    model.train()
+    for _ in tqdm(range(epochs), desc="training", unit="epoch", disable=not progress, leave=False):
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: datasets_mod.Dataset | None = None,
+          progress: bool = True) -> TrainedModel:
+    """Train ``config.model`` on ``config.dataset``, or load it from the cache if it was trained before.
+
+    The checkpoint is ``<cache_dir>/models/<config hash>.pt`` (a state dict) with a JSON sidecar.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    data = data if data is not None else datasets_mod.get(config.dataset, **config.dataset_params)
+    torch.manual_seed(config.seed)
+    model = build_model(config, data)
+    path = cache / "models" / f"{config.key()}.pt"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        meta = json.loads(meta_path.read_text())
+        return TrainedModel(model.eval(), config, meta["test_accuracy"], True, path, meta["train_seconds"])
+
+    start = time.perf_counter()
+    fit(model, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+        weight_decay=config.weight_decay, seed=config.seed, progress=progress)
+    seconds = time.perf_counter() - start
+    acc = accuracy(model, data.x_test, data.y_test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to temporary names, then rename: a killed run never leaves a half-written checkpoint.
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    meta_tmp = meta_path.with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds},
+                                   indent=2, default=str))
+    os.replace(tmp, path)
+    os.replace(meta_tmp, meta_path)
+    return TrainedModel(model, config, acc, False, path, seconds)

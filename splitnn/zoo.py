@@ -1,0 +1,152 @@
+"""Residual networks with explicit, introspectable blocks and no in-place operations (Opacus needs that).
+
+Every model keeps torchvision's layout (``conv1``, ``bn1``, ``relu``, optional ``maxpool``,
+``layer1``..``layerN``, ``avgpool``, ``fc``), so cuts are named the same way for our models and
+for torchvision's own ``resnet18``/``resnet50`` instances.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitnn.errors import check_bool, check_choice, check_number
+from splitnn.registry import Registry
+
+_registry: Registry[nn.Module] = Registry("model")
+NORMS = ("batch", "none")
+STEMS = ("small", "imagenet")
+
+
+def _norm(kind: str, channels: int) -> nn.Module | None:
+    return nn.BatchNorm2d(channels) if kind == "batch" else None
+
+
+class BasicBlock(nn.Module):
+    """x -> conv3x3-norm-ReLU-conv3x3-norm, plus the shortcut, then ReLU (``post_relu``) or nothing.
+
+    ``post_relu=False`` with ``norm="none"`` is the block the PEEL authors inverted.
+    The shortcut is the identity, or a 1x1 conv (+norm) when the shape changes.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch",
+                 post_relu: bool = True):
+        super().__init__()
+        use_bias = norm == "none"
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=use_bias)
+        self.bn1 = _norm(norm, planes)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=use_bias)
+        self.bn2 = _norm(norm, planes)
+        self.post_relu = post_relu
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            layers: list[nn.Module] = [nn.Conv2d(in_planes, planes, 1, stride, bias=use_bias)]
+            if norm != "none":
+                layers.append(nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(*layers)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch W2·ReLU(W1·x), without the shortcut."""
+        out = self.conv1(x)
+        if self.bn1 is not None:
+            out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        if self.bn2 is not None:
+            out = self.bn2(out)
+        return out
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shortcut(x) + self.residual(x)
+        return self.relu(out) if self.post_relu else out
+
+
+class ResNet(nn.Module):
+    """A ResNet of BasicBlocks with a small-image stem (3x3/1 conv) or an ImageNet stem (7x7/2 conv + max-pool)."""
+
+    def __init__(self, blocks_per_stage: list[int], widths: list[int], num_classes: int = 10,
+                 in_channels: int = 3, stem: str = "small", norm: str = "batch", post_relu: bool = True):
+        super().__init__()
+        check_choice("stem", stem, STEMS)
+        check_choice("norm", norm, NORMS)
+        check_bool("post_relu", post_relu)
+        check_number("num_classes", num_classes, low=2, integer=True)
+        check_number("in_channels", in_channels, low=1, integer=True)
+        self.config = dict(stem=stem, norm=norm, post_relu=post_relu, num_classes=num_classes,
+                           in_channels=in_channels)
+        use_bias = norm == "none"
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=use_bias)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=use_bias)
+        self.bn1 = _norm(norm, widths[0])
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else None
+        self.stage_names: list[str] = []
+        in_planes = widths[0]
+        for i, (n, width) in enumerate(zip(blocks_per_stage, widths)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(in_planes, width, stride if j == 0 else 1, norm, post_relu))
+                in_planes = width
+            name = f"layer{i + 1}"
+            setattr(self, name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.bn1 is not None:
+            x = self.bn1(x)
+        x = self.relu(x)
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def _cifar_resnet(depth: int):
+    n = (depth - 2) // 6
+
+    def build(num_classes: int = 10, in_channels: int = 3, stem: str = "small", norm: str = "batch",
+              post_relu: bool = True) -> ResNet:
+        return ResNet([n, n, n], [16, 32, 64], num_classes, in_channels, stem, norm, post_relu)
+
+    build.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {n} BasicBlocks, widths 16/32/64."
+    return build
+
+
+def _imagenet_resnet(blocks: list[int], depth: int):
+    def build(num_classes: int = 10, in_channels: int = 3, stem: str = "imagenet", norm: str = "batch",
+              post_relu: bool = True) -> ResNet:
+        return ResNet(blocks, [64, 128, 256, 512], num_classes, in_channels, stem, norm, post_relu)
+
+    build.__doc__ = f"ResNet-{depth} in torchvision's layout (BasicBlocks {blocks}, widths 64..512)."
+    return build
+
+
+for _depth in (20, 32, 56):
+    _registry.register(f"resnet{_depth}")(_cifar_resnet(_depth))
+_registry.register("resnet18")(_imagenet_resnet([2, 2, 2, 2], 18))
+_registry.register("resnet34")(_imagenet_resnet([3, 4, 6, 3], 34))
+
+
+def get(name: str, **params: Any) -> nn.Module:
+    """Build a model of the zoo by name, e.g. ``zoo.get("resnet20", num_classes=10)``."""
+    return _registry.get(name, **params)
+
+
+def names() -> list[str]:
+    return _registry.names()

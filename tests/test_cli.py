@@ -1,0 +1,55 @@
+import textwrap
+
+import pytest
+
+from evaluation.cli import main
+
+GOOD = """
+name: tiny
+seed: 0
+dataset: digits
+model: resnet20
+train: {epochs: 1, batch_size: 128}
+cut: layer1
+defenses:
+  - none
+  - {name: gaussian_noise, params: {scale: 0.1}}
+attacks:
+  - {name: rmle, params: {iterations: 5}}
+evaluation: {num_images: 2}
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("name: gaussian_noise", "name: gausian_noise", "defenses[1].name"),
+    ("scale: 0.1", "scale: -0.1", "defenses[1].params.scale"),
+    ("name: rmle", "name: nope", "attacks[0].name"),
+    ("iterations: 5", "iterationz: 5", "attacks[0].params.iterationz"),
+    ("cut: layer1", "cut: layer7", "cut"),
+    ("epochs: 1", "epochs: -1", "train.epochs"),
+    ("seed: 0", "sead: 0", "sead"),
+])
+def test_bad_config_exits_2_naming_the_key_before_any_work(tmp_path, capsys, old, new, key):
+    config = _write(tmp_path, GOOD.replace(old, new))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and err.count("\n") == 1  # one clear message
+    assert not out.exists()  # nothing written
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_validate_lists_the_cells(tmp_path, capsys):
+    assert main(["validate", str(_write(tmp_path, GOOD))]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells" in out and "gaussian_noise" in out

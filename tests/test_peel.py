@@ -1,0 +1,110 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import attacks
+from attacks.peel import PEEL, UnsupportedLayerError, extract_stages, invert_block
+from splitnn import split, zoo
+from splitnn.zoo import BasicBlock
+
+
+def _randomise_batchnorm(module: nn.Module) -> None:
+    """Give BatchNorm layers non-trivial eval statistics, as a trained network has."""
+    g = torch.Generator().manual_seed(1)
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.weight.data.uniform_(0.5, 1.5, generator=g)
+            bn.bias.data.uniform_(-0.2, 0.2, generator=g)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_identity_block_in_the_authors_setting_is_recovered_exactly():
+    block = BasicBlock(16, 16, norm="none", post_relu=False).double().eval()
+    x = torch.randn(3, 16, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+    x_hat, diag = invert_block(block, y)
+    assert _rel(x_hat, x) < 1e-4
+    assert diag["residual"] < 1e-8
+
+
+def test_standard_block_recovered_input_reproduces_the_output():
+    block = BasicBlock(16, 16).double().eval()
+    _randomise_batchnorm(block)
+    x = torch.relu(torch.randn(3, 16, 16, 16, dtype=torch.float64))
+    with torch.no_grad():
+        y = block(x)
+    x_hat, diag = invert_block(block, y, lower=0.0)
+    with torch.no_grad():
+        assert _rel(block(x_hat), y) < 1e-3
+    assert float(x_hat.min()) >= 0.0  # the ReLU before the block bounds its input
+    assert diag["residual"] < 1e-3
+
+
+def test_stride2_block_with_conv_shortcut_reproduces_the_output():
+    block = BasicBlock(8, 16, stride=2).double().eval()
+    _randomise_batchnorm(block)
+    x = torch.relu(torch.randn(2, 8, 16, 16, dtype=torch.float64))
+    with torch.no_grad():
+        y = block(x)
+    x_hat, _ = invert_block(block, y, input_shape=(8, 16, 16), lower=0.0)
+    assert x_hat.shape == x.shape
+    with torch.no_grad():
+        assert _rel(block(x_hat), y) < 1e-3
+
+
+def test_stages_reproduce_the_client_with_batchnorm_folded():
+    model = zoo.get("resnet20").eval()
+    _randomise_batchnorm(model)
+    client, _ = split(model, "layer2")
+    stages = extract_stages(client, (3, 32, 32))
+    assert [s.kind for s in stages] == ["layers"] + ["block"] * 6
+    assert stages[4].shortcut is not None and stages[1].shortcut is None  # layer2.0 downsamples
+
+
+def test_peel_inverts_an_authors_setting_client_to_the_image():
+    model = zoo.get("resnet20", norm="none", post_relu=False).eval()
+    client, _ = split(model, "layer1.1")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        features = client(x)
+    rec = attacks.get("peel").reconstruct(client, features, image_shape=(3, 16, 16), truth=x)
+    assert rec.images.shape == x.shape
+    assert float(((rec.images - x) ** 2).mean()) < 1e-6
+    assert len(rec.diagnostics["stages"]) == 3
+    assert all(d["true_input_error"] < 1e-3 for d in rec.diagnostics["stages"])
+
+
+def test_peel_on_torchvision_resnet_returns_images_in_range():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    client, _ = split(model, "layer1.0")
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        features = client(x)
+    rec = PEEL(max_iter=20, fixed_point_iters=5).reconstruct(client, features, image_shape=(3, 32, 32))
+    assert rec.images.shape == x.shape
+    assert 0.0 <= float(rec.images.min()) and float(rec.images.max()) <= 1.0
+
+
+def test_unsupported_layer_is_named():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3)
+            self.act = nn.Tanh()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv1(x)).mean((2, 3)))
+
+    client, _ = split(Odd(), "act")
+    ok, reason = PEEL().supports(client)
+    assert not ok and "Tanh" in reason and "act" in reason
+    with pytest.raises(UnsupportedLayerError, match="unsupported layer Tanh at act"):
+        extract_stages(client, (3, 8, 8))
