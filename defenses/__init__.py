@@ -1,6 +1,6 @@
 """Defenses that stand between the client and the server half."""
-from defenses import noise  # noqa: F401  (registers the noise defenses)
+from defenses import dp_sgd, noise, nopeek, pruning, sparsify  # noqa: F401  (register the defenses)
 from defenses.base import Defense
-from defenses.registry import get, names, register
+from defenses.registry import defense_class, get, names, register
 
-__all__ = ["Defense", "get", "names", "register"]
+__all__ = ["Defense", "defense_class", "get", "names", "register"]

@@ -1,13 +1,15 @@
-"""Noise injection at the cut."""
+"""Noise injection at the cut: Gaussian and Laplace noise of a given scale, and feature-level DP
+(clip each sample's feature vector, then add noise calibrated to a requested (epsilon, delta))."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from defenses.base import Defense
 from defenses.registry import register
-from splitnn.errors import check_bool, check_number
+from splitnn.errors import ParameterError, check_bool, check_choice, check_number
 
 
 @register("none")
@@ -18,18 +20,20 @@ class NoDefense(Defense):
         return features
 
 
-@register("gaussian_noise")
-class GaussianNoise(Defense):
-    """Adds N(0, sigma^2) to every feature.
+def _per_sample(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, ..., 1), to broadcast against ``features``."""
+    return values.view(-1, *([1] * (features.dim() - 1)))
 
-    ``sigma = scale`` when ``relative`` is false; otherwise ``sigma = scale * RMS`` of each
-    sample's own features, so one ``scale`` means the same signal-to-noise ratio at any cut.
-    """
+
+class _ScaledNoise(Defense):
+    """Zero-mean noise with standard deviation ``scale`` (absolute) or ``scale`` x each sample's feature RMS."""
 
     def __init__(self, scale: float = 0.1, relative: bool = True, seed: int = 0):
         super().__init__(seed)
         self.scale = float(check_number("scale", scale, low=0))
         self.relative = check_bool("relative", relative)
+        if math.isinf(self.scale):
+            raise ParameterError("scale", scale, "a finite number >= 0")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -41,11 +45,157 @@ class GaussianNoise(Defense):
             return torch.full((features.shape[0],) + (1,) * (features.dim() - 1), self.scale,
                               dtype=features.dtype, device=features.device)
         rms = features.flatten(1).pow(2).mean(dim=1).sqrt()
-        return (self.scale * rms).view(-1, *([1] * (features.dim() - 1)))
+        return _per_sample(self.scale * rms, features)
+
+    def unit_noise(self, features: torch.Tensor) -> torch.Tensor:
+        """Noise of standard deviation 1, from the seeded stream."""
+        raise NotImplementedError
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:
             return features
-        noise = torch.randn(features.shape, generator=self.generator(features.device),
-                            dtype=features.dtype, device=features.device)
-        return features + self.sigma(features) * noise
+        return features + self.sigma(features) * self.unit_noise(features)
+
+
+@register("gaussian_noise")
+class GaussianNoise(_ScaledNoise):
+    """Adds N(0, sigma^2) to every feature.
+
+    ``sigma = scale`` when ``relative`` is false; otherwise ``sigma = scale * RMS`` of each
+    sample's own features, so one ``scale`` means the same signal-to-noise ratio at any cut.
+    """
+
+    def unit_noise(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.randn(features.shape, generator=self.generator(features.device),
+                           dtype=features.dtype, device=features.device)
+
+
+def laplace(shape: torch.Size, b: float | torch.Tensor, generator: torch.Generator, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """Seeded Laplace(0, b) samples: the difference of two Exp(1) draws, times ``b``."""
+    e = torch.empty((2, *shape), dtype=dtype, device=device).exponential_(generator=generator)
+    return b * (e[0] - e[1])
+
+
+@register("laplace_noise")
+class LaplaceNoise(_ScaledNoise):
+    """Adds Laplace noise to every feature; ``scale`` is its standard deviation (b = scale / sqrt 2),
+    absolute or relative to each sample's feature RMS, so it matches ``gaussian_noise`` in noise power."""
+
+    def unit_noise(self, features: torch.Tensor) -> torch.Tensor:
+        return laplace(features.shape, 1.0 / math.sqrt(2.0), self.generator(features.device),
+                       features.dtype, features.device)
+
+
+# ---------------------------------------------------------------- feature-level differential privacy
+
+def classic_gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
+    """Dwork & Roth (Thm A.1): sigma = sensitivity * sqrt(2 ln(1.25/delta)) / epsilon, valid for epsilon <= 1."""
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def gaussian_delta(sigma: float, sensitivity: float, epsilon: float) -> float:
+    """The exact delta of the Gaussian mechanism at ``epsilon`` (Balle & Wang 2018, Thm 8)."""
+    from scipy.special import log_ndtr
+
+    a = sensitivity / (2.0 * sigma)
+    b = epsilon * sigma / sensitivity
+    return float(math.exp(log_ndtr(a - b)) - math.exp(epsilon + log_ndtr(-a - b)))
+
+
+def analytic_gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
+    """The smallest sigma whose exact delta at ``epsilon`` is <= ``delta`` (analytic Gaussian mechanism,
+    Balle & Wang 2018), found by bisection on the monotone delta(sigma); valid for every epsilon > 0."""
+    lo, hi = 1e-12 * sensitivity, sensitivity
+    while gaussian_delta(hi, sensitivity, epsilon) > delta:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if gaussian_delta(mid, sensitivity, epsilon) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi  # delta(hi) <= delta always holds, so the guarantee is never overstated
+
+
+@register("feature_dp")
+class FeatureDP(Defense):
+    """Each sample's flattened feature vector is clipped to norm ``clip`` (L2 for Gaussian, L1 for
+    Laplace), then noise calibrated to (epsilon, delta) is added: one release of one feature vector
+    is (epsilon, delta)-DP with respect to the client's input (any two inputs are neighbours).
+
+    The sensitivity is the diameter of the clip ball, ``2 * clip``. Gaussian: ``calibration`` is
+    ``analytic`` (Balle & Wang 2018, any epsilon) or ``classic`` (Dwork & Roth, epsilon <= 1).
+    Laplace: b = 2 * clip / epsilon, delta = 0. ``epsilon = inf`` with ``clip = inf`` is the identity.
+    """
+
+    guarantee_type = "(epsilon, delta)-DP per released feature vector (local DP of the client's input)"
+
+    def __init__(self, epsilon: float = 1.0, delta: float = 1e-5, clip: float = 1.0, mechanism: str = "gaussian",
+                 calibration: str = "analytic", seed: int = 0):
+        super().__init__(seed)
+        self.mechanism = check_choice("mechanism", mechanism, ("gaussian", "laplace"))
+        self.calibration = check_choice("calibration", calibration, ("analytic", "classic"))
+        self.epsilon = float(check_number("epsilon", epsilon, low=0, low_open=True))
+        self.clip = float(check_number("clip", clip, low=0, low_open=True))
+        if self.mechanism == "gaussian":
+            self.delta = float(check_number("delta", delta, low=0, high=1, low_open=True, high_open=True))
+        else:
+            self.delta = float(check_number("delta", delta, low=0, high=1, high_open=True))
+            if self.delta != 0:
+                raise ParameterError("delta", delta, "0 for the Laplace mechanism (it is pure epsilon-DP)")
+        if math.isinf(self.clip) and not math.isinf(self.epsilon):
+            raise ParameterError("clip", clip, "a finite bound when epsilon is finite (the noise must be calibrated "
+                                               "to a bounded sensitivity)")
+        if (self.mechanism == "gaussian" and self.calibration == "classic" and self.epsilon > 1
+                and not math.isinf(self.epsilon)):
+            raise ParameterError("epsilon", epsilon, "<= 1 for the classic Gaussian calibration "
+                                                     "(use calibration: analytic for larger epsilon)")
+        self.noise_scale = self._noise_scale()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip, "mechanism": self.mechanism,
+                "calibration": self.calibration}
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 (Gaussian) or L1 (Laplace) distance between any two clipped feature vectors, at most."""
+        return 2.0 * self.clip
+
+    def _noise_scale(self) -> float:
+        """Gaussian sigma or Laplace b; 0 when epsilon is infinite (no privacy, no noise)."""
+        if math.isinf(self.epsilon):
+            return 0.0
+        if self.mechanism == "laplace":
+            return self.sensitivity / self.epsilon
+        if self.calibration == "classic":
+            return classic_gaussian_sigma(self.sensitivity, self.epsilon, self.delta)
+        return analytic_gaussian_sigma(self.sensitivity, self.epsilon, self.delta)
+
+    def guarantee(self) -> dict[str, Any]:
+        mechanism = "laplace" if self.mechanism == "laplace" else f"gaussian ({self.calibration})"
+        return {"epsilon": self.epsilon, "delta": self.delta, "mechanism": mechanism,
+                "norm": "L1" if self.mechanism == "laplace" else "L2", "clip": self.clip,
+                "noise_scale": self.noise_scale, "unit": "per released feature vector"}
+
+    def clip_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Scale each sample's flattened features down to norm <= ``clip`` (unchanged when already inside)."""
+        if math.isinf(self.clip):
+            return features
+        flat = features.flatten(1)
+        norms = flat.abs().sum(dim=1) if self.mechanism == "laplace" else flat.norm(dim=1)
+        factor = (self.clip / norms.clamp_min(1e-30)).clamp(max=1.0)
+        return features * _per_sample(factor, features)
+
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
+        clipped = self.clip_features(features)
+        if self.noise_scale == 0:
+            return clipped
+        g = self.generator(features.device)
+        if self.mechanism == "laplace":
+            noise = laplace(features.shape, self.noise_scale, g, features.dtype, features.device)
+        else:
+            noise = self.noise_scale * torch.randn(features.shape, generator=g, dtype=features.dtype,
+                                                   device=features.device)
+        return clipped + noise

@@ -24,3 +24,8 @@ def get(name: str, **params: Any) -> Defense:
 
 def names() -> list[str]:
     return _registry.names()
+
+
+def defense_class(name: str) -> type[Defense]:
+    """The class registered as ``name`` (its ``kind`` and hooks), without building it."""
+    return _registry.factory(name)  # type: ignore[return-value]

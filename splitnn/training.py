@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,10 @@ from tqdm.auto import tqdm
 
 from splitnn import datasets as datasets_mod
 from splitnn import zoo
-from splitnn.errors import check_number
+from splitnn.errors import ParameterError, check_number
+
+if TYPE_CHECKING:
+    from defenses.base import Defense
 
 CACHE_ENV = "LEAKBENCH_CACHE"
 
@@ -45,6 +48,10 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 5e-4
     seed: int = 0
+    #: A training defense as ``{"name": ..., "params": {...}}`` (e.g. dp_sgd, nopeek); None trains plainly.
+    defense: dict[str, Any] | None = None
+    #: The cut, for training defenses that act there (``uses_cut``, e.g. NoPeek); None otherwise.
+    cut: str | None = None
 
     def __post_init__(self) -> None:
         check_number("epochs", self.epochs, low=0, integer=True)
@@ -52,9 +59,34 @@ class TrainConfig:
         check_number("batch_size", self.batch_size, low=1, integer=True)
         check_number("weight_decay", self.weight_decay, low=0)
         check_number("seed", self.seed, low=0, integer=True)
+        if self.defense is not None:
+            if not isinstance(self.defense, dict) or set(self.defense) - {"name", "params"} \
+                    or "name" not in self.defense:
+                raise ParameterError("defense", self.defense, "a mapping with 'name' and optional 'params'")
+            self.build_defense()  # a bad name, kind or parameter fails now, before any work
 
     def key(self) -> str:
-        return config_hash(asdict(self))
+        """The hash naming the checkpoint; ``defense`` and ``cut`` count only when set, so plain
+        configs keep the hashes they had before training defenses existed."""
+        config = asdict(self)
+        for optional in ("defense", "cut"):
+            if config[optional] is None:
+                del config[optional]
+        return config_hash(config)
+
+    def build_defense(self) -> "Defense | None":
+        """The training defense this config names, seeded with ``seed``; None when there is none."""
+        if self.defense is None:
+            return None
+        import defenses
+
+        defense = defenses.get(self.defense["name"], seed=self.seed, **self.defense.get("params", {}))
+        if defense.kind != "training":
+            raise ParameterError("defense.name", self.defense["name"],
+                                 "a training defense (transform defenses act at inference, not in train())")
+        if defense.uses_cut and self.cut is None:
+            raise ParameterError("cut", None, f"the cut at which {defense.name} trains")
+        return defense
 
 
 @dataclass
@@ -65,6 +97,8 @@ class TrainedModel:
     from_cache: bool
     path: Path | None
     train_seconds: float
+    #: The training defense that shaped the model (with its ``report``, e.g. the epsilon spent), if any.
+    defense: "Defense | None" = None
 
 
 def build_model(config: TrainConfig, data: datasets_mod.Dataset) -> nn.Module:
@@ -82,9 +116,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float(multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro"))
 
 
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The task loss: cross-entropy of ``model(x)`` against ``y``."""
+    return F.cross_entropy(model(x), y)
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-        weight_decay: float, seed: int, progress: bool = True) -> nn.Module:
-    """SGD with momentum and a cosine schedule; deterministic given ``seed``."""
+        weight_decay: float, seed: int, progress: bool = True, loss: Loss = cross_entropy) -> nn.Module:
+    """SGD with momentum and a cosine schedule; deterministic given ``seed``. ``loss(model, x, y)`` lets a
+    training defense add a penalty (e.g. NoPeek's distance correlation at the cut)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
@@ -95,7 +138,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
             optimizer.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            loss(model, x[idx], y[idx]).backward()
             optimizer.step()
             schedule.step()
     return model.eval()
@@ -105,22 +148,36 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
           progress: bool = True) -> TrainedModel:
     """Train ``config.model`` on ``config.dataset``, or load it from the cache if it was trained before.
 
+    With a training defense (``config.defense``) the defense prepares the model (it may change the
+    architecture, e.g. BatchNorm -> GroupNorm) and trains it; its report is kept with the checkpoint.
     The checkpoint is ``<cache_dir>/models/<config hash>.pt`` (a state dict) with a JSON sidecar.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = data if data is not None else datasets_mod.get(config.dataset, **config.dataset_params)
+    defense = config.build_defense()
     torch.manual_seed(config.seed)
     model = build_model(config, data)
+    if defense is not None:
+        model = defense.prepare_model(model)
     path = cache / "models" / f"{config.key()}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         meta = json.loads(meta_path.read_text())
-        return TrainedModel(model.eval(), config, meta["test_accuracy"], True, path, meta["train_seconds"])
+        if defense is not None:
+            defense.restore(meta.get("defense_report", {}))
+        return TrainedModel(model.eval(), config, meta["test_accuracy"], True, path, meta["train_seconds"],
+                            defense)
 
     start = time.perf_counter()
-    fit(model, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-        weight_decay=config.weight_decay, seed=config.seed, progress=progress)
+    report: dict[str, Any] = {}
+    if defense is None:
+        fit(model, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+            weight_decay=config.weight_decay, seed=config.seed, progress=progress)
+    else:
+        report = defense.train_model(model, data.x_train, data.y_train, config, cut=config.cut, progress=progress)
+        defense.restore(report)
+        model.eval()
     seconds = time.perf_counter() - start
     acc = accuracy(model, data.x_test, data.y_test)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +185,8 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
     tmp = path.with_suffix(".pt.tmp")
     torch.save(model.state_dict(), tmp)
     meta_tmp = meta_path.with_suffix(".json.tmp")
-    meta_tmp.write_text(json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds},
-                                   indent=2, default=str))
+    meta_tmp.write_text(json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds,
+                                    "defense_report": report}, indent=2, default=str))
     os.replace(tmp, path)
     os.replace(meta_tmp, meta_path)
-    return TrainedModel(model, config, acc, False, path, seconds)
+    return TrainedModel(model, config, acc, False, path, seconds, defense)

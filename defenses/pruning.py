@@ -1,0 +1,144 @@
+"""Feature pruning: zero a fraction of the channels at the cut, chosen once on training data by a score
+(random, activation magnitude, or a Captum attribution of the task objective to the cut)."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses.base import Defense
+from defenses.registry import register
+from splitnn.errors import check_choice, check_number
+
+SCORES = ("random", "magnitude", "conductance", "grad_x_activation")
+
+
+class _Joined(nn.Module):
+    """client -> server, returning what the attribution explains: the per-sample task loss or the logits."""
+
+    def __init__(self, client: nn.Module, server: nn.Module, objective: str):
+        super().__init__()
+        self.client, self.server, self.objective = client, server, objective
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.server(self.client(x))
+        if self.objective == "loss":
+            return F.cross_entropy(logits, y, reduction="none")
+        return logits
+
+
+@register("pruning")
+class Pruning(Defense):
+    """Zeroes the ``floor(ratio * C)`` channels (of C at the cut) with the lowest score, i.e. those the task
+    needs least, computed once by ``fit`` on ``samples`` training images.
+
+    ``score``: ``random``, ``magnitude`` (mean |activation|), ``conductance`` (Captum LayerConductance) or
+    ``grad_x_activation`` (Captum LayerGradientXActivation), of the task loss (``objective="loss"``) or
+    the true-class logit (``"logit"``); a channel's score is its mean |attribution|.
+    ``finetune_server > 0`` fine-tunes a copy of the server half on pruned features for that many epochs.
+    """
+
+    needs_fit = True
+
+    def __init__(self, ratio: float = 0.5, score: str = "magnitude", objective: str = "loss", samples: int = 256,
+                 n_steps: int = 16, finetune_server: int = 0, finetune_lr: float = 0.01, seed: int = 0):
+        super().__init__(seed)
+        self.ratio = float(check_number("ratio", ratio, low=0, high=1, high_open=True))
+        self.score = check_choice("score", score, SCORES)
+        self.objective = check_choice("objective", objective, ("loss", "logit"))
+        self.samples = check_number("samples", samples, low=1, integer=True)
+        self.n_steps = check_number("n_steps", n_steps, low=2, integer=True)
+        self.finetune_server = check_number("finetune_server", finetune_server, low=0, integer=True)
+        self.finetune_lr = float(check_number("finetune_lr", finetune_lr, low=0, low_open=True))
+        self.scores: torch.Tensor | None = None
+        self.removed: list[int] | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "score": self.score, "objective": self.objective, "samples": self.samples,
+                "n_steps": self.n_steps, "finetune_server": self.finetune_server, "finetune_lr": self.finetune_lr}
+
+    # ------------------------------------------------------------ scoring
+
+    def channel_scores(self, client: nn.Module, server: nn.Module, x: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+        """One score per channel at the cut (higher = more useful to the task), on ``(x, y)``."""
+        client.eval()
+        server.eval()
+        if self.score == "random":
+            with torch.no_grad():
+                channels = client(x[:1]).shape[1]
+            return torch.rand(channels, generator=torch.Generator().manual_seed(self.seed))
+        if self.score == "magnitude":
+            with torch.no_grad():
+                total = sum(_channel_mean(client(x[i:i + 64]).abs()) * len(x[i:i + 64])
+                            for i in range(0, len(x), 64))
+            return total / len(x)
+        from captum.attr import LayerConductance, LayerGradientXActivation
+
+        joined = _Joined(client, server, self.objective)
+        if self.score == "conductance":
+            method = LayerConductance(joined, client)
+        else:
+            method = LayerGradientXActivation(joined, client)
+        total = None
+        for i in range(0, len(x), 32):
+            xb, yb = x[i:i + 32], y[i:i + 32]
+            kwargs: dict[str, Any] = {"additional_forward_args": (yb,),
+                                      "target": None if self.objective == "loss" else yb}
+            if self.score == "conductance":
+                kwargs.update(n_steps=self.n_steps, internal_batch_size=256)
+            attribution = method.attribute(xb, **kwargs)
+            part = _channel_mean(attribution.detach().abs()) * len(xb)
+            total = part if total is None else total + part
+        return total / len(x)
+
+    def fit(self, client: nn.Module, server: nn.Module, x_train: torch.Tensor,
+            y_train: torch.Tensor) -> nn.Module:
+        """Score the channels on a seeded subset of the training data, choose the ones to remove, and
+        return the server half (a fine-tuned copy when ``finetune_server > 0``)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        index = torch.randperm(len(x_train), generator=generator)[: self.samples]
+        self.scores = self.channel_scores(client, server, x_train[index], y_train[index]).float()
+        k = int(self.ratio * len(self.scores))
+        order = torch.sort(self.scores, stable=True).indices
+        self.removed = sorted(order[:k].tolist())
+        self.report = {"removed_channels": self.removed, "channels": len(self.scores),
+                       "scores": [round(float(s), 8) for s in self.scores]}
+        if self.finetune_server == 0 or k == 0:
+            return server
+        from splitnn.training import fit
+
+        with torch.no_grad():
+            features = torch.cat([self.transform(client(x_train[i:i + 256])) for i in range(0, len(x_train), 256)])
+        tuned = copy.deepcopy(server)
+        fit(tuned, features, y_train, epochs=self.finetune_server, lr=self.finetune_lr, batch_size=64,
+            weight_decay=5e-4, seed=self.seed, progress=False)
+        return tuned.eval()
+
+    def mask(self, features: torch.Tensor) -> torch.Tensor:
+        """1 for kept channels, 0 for removed ones, shaped to broadcast against ``features``."""
+        assert self.scores is not None and self.removed is not None
+        if features.shape[1] != len(self.scores):
+            raise ValueError(f"pruning was fitted on {len(self.scores)} channels, got features with "
+                             f"{features.shape[1]}")
+        keep = torch.ones(features.shape[1], dtype=features.dtype, device=features.device)
+        keep[self.removed] = 0
+        return keep.view(1, -1, *([1] * (features.dim() - 2)))
+
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
+        if self.ratio == 0:
+            return features
+        if self.removed is None:
+            raise RuntimeError("pruning must be fitted first: call fit(client, server, x_train, y_train) "
+                               "(the runner does this for you)")
+        return features * self.mask(features)
+
+
+def _channel_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension except the channel one (dim 1): (N, C, ...) -> (C,)."""
+    dims = [d for d in range(values.dim()) if d != 1]
+    return values.mean(dim=dims)
