@@ -126,18 +126,21 @@ class FeatureDP(Defense):
 
     The sensitivity is the diameter of the clip ball, ``2 * clip``. Gaussian: ``calibration`` is
     ``analytic`` (Balle & Wang 2018, any epsilon) or ``classic`` (Dwork & Roth, epsilon <= 1).
-    Laplace: b = 2 * clip / epsilon, delta = 0. ``epsilon = inf`` with ``clip = inf`` is the identity.
+    Laplace: b = 2 * clip / epsilon, delta = 0. ``delta`` defaults to 1e-5 (Gaussian) or 0 (Laplace).
+    ``epsilon = inf`` with ``clip = inf`` is the identity (strength 0).
     """
 
     guarantee_type = "(epsilon, delta)-DP per released feature vector (local DP of the client's input)"
 
-    def __init__(self, epsilon: float = 1.0, delta: float = 1e-5, clip: float = 1.0, mechanism: str = "gaussian",
+    def __init__(self, epsilon: float = 1.0, delta: float | None = None, clip: float = 1.0, mechanism: str = "gaussian",
                  calibration: str = "analytic", seed: int = 0):
         super().__init__(seed)
         self.mechanism = check_choice("mechanism", mechanism, ("gaussian", "laplace"))
         self.calibration = check_choice("calibration", calibration, ("analytic", "classic"))
         self.epsilon = float(check_number("epsilon", epsilon, low=0, low_open=True))
         self.clip = float(check_number("clip", clip, low=0, low_open=True))
+        if delta is None:  # the default: 1e-5 for Gaussian, 0 for Laplace
+            delta = 1e-5 if self.mechanism == "gaussian" else 0.0
         if self.mechanism == "gaussian":
             self.delta = float(check_number("delta", delta, low=0, high=1, low_open=True, high_open=True))
         else:
