@@ -68,19 +68,66 @@ class BasicBlock(nn.Module):
         return self.relu(out) if self.post_relu else out
 
 
+class Bottleneck(nn.Module):
+    """x -> 1x1 conv-norm-ReLU-3x3 conv (stride)-norm-ReLU-1x1 conv-norm (4x wider), plus the shortcut, then ReLU."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch",
+                 post_relu: bool = True):
+        super().__init__()
+        use_bias = norm == "none"
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, 1, 0, bias=use_bias)
+        self.bn1 = _norm(norm, planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=use_bias)
+        self.bn2 = _norm(norm, planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, 1, 0, bias=use_bias)
+        self.bn3 = _norm(norm, out_planes)
+        self.relu = nn.ReLU()
+        self.post_relu = post_relu
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != out_planes:
+            layers: list[nn.Module] = [nn.Conv2d(in_planes, out_planes, 1, stride, bias=use_bias)]
+            if norm != "none":
+                layers.append(nn.BatchNorm2d(out_planes))
+            self.downsample = nn.Sequential(*layers)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for conv, bn, last in ((self.conv1, self.bn1, False), (self.conv2, self.bn2, False),
+                               (self.conv3, self.bn3, True)):
+            out = conv(out)
+            if bn is not None:
+                out = bn(out)
+            if not last:
+                out = self.relu(out)
+        return out
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shortcut(x) + self.residual(x)
+        return self.relu(out) if self.post_relu else out
+
+
 class ResNet(nn.Module):
-    """A ResNet of BasicBlocks with a small-image stem (3x3/1 conv) or an ImageNet stem (7x7/2 conv + max-pool)."""
+    """A ResNet with a small-image stem (3x3/1 conv) or an ImageNet stem (7x7/2 conv, max-pool unless
+    ``maxpool=False``)."""
 
     def __init__(self, blocks_per_stage: list[int], widths: list[int], num_classes: int = 10,
-                 in_channels: int = 3, stem: str = "small", norm: str = "batch", post_relu: bool = True):
+                 in_channels: int = 3, stem: str = "small", norm: str = "batch", post_relu: bool = True,
+                 block: type[nn.Module] = BasicBlock, maxpool: bool | None = None):
         super().__init__()
         check_choice("stem", stem, STEMS)
         check_choice("norm", norm, NORMS)
         check_bool("post_relu", post_relu)
         check_number("num_classes", num_classes, low=2, integer=True)
         check_number("in_channels", in_channels, low=1, integer=True)
+        maxpool = (stem == "imagenet") if maxpool is None else check_bool("maxpool", maxpool)
         self.config = dict(stem=stem, norm=norm, post_relu=post_relu, num_classes=num_classes,
-                           in_channels=in_channels)
+                           in_channels=in_channels, maxpool=maxpool, block=block.__name__)
         use_bias = norm == "none"
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=use_bias)
@@ -88,15 +135,15 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=use_bias)
         self.bn1 = _norm(norm, widths[0])
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else None
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if maxpool else None
         self.stage_names: list[str] = []
         in_planes = widths[0]
         for i, (n, width) in enumerate(zip(blocks_per_stage, widths)):
             stride = 1 if i == 0 else 2
             blocks = []
             for j in range(n):
-                blocks.append(BasicBlock(in_planes, width, stride if j == 0 else 1, norm, post_relu))
-                in_planes = width
+                blocks.append(block(in_planes, width, stride if j == 0 else 1, norm, post_relu))
+                in_planes = width * block.expansion
             name = f"layer{i + 1}"
             setattr(self, name, nn.Sequential(*blocks))
             self.stage_names.append(name)
@@ -128,12 +175,15 @@ def _cifar_resnet(depth: int):
     return build
 
 
-def _imagenet_resnet(blocks: list[int], depth: int):
-    def build(num_classes: int = 10, in_channels: int = 3, stem: str = "imagenet", norm: str = "batch",
-              post_relu: bool = True) -> ResNet:
-        return ResNet(blocks, [64, 128, 256, 512], num_classes, in_channels, stem, norm, post_relu)
+def _imagenet_resnet(blocks: list[int], depth: int, block: type[nn.Module] = BasicBlock, norm_default: str = "batch",
+                     post_relu_default: bool = True):
+    def build(num_classes: int = 10, in_channels: int = 3, stem: str = "imagenet", norm: str = norm_default,
+              post_relu: bool = post_relu_default, maxpool: bool | None = None, width: int = 64) -> ResNet:
+        check_number("width", width, low=1, integer=True)
+        return ResNet(blocks, [width, 2 * width, 4 * width, 8 * width], num_classes, in_channels, stem, norm,
+                      post_relu, block, maxpool)
 
-    build.__doc__ = f"ResNet-{depth} in torchvision's layout (BasicBlocks {blocks}, widths 64..512)."
+    build.__doc__ = f"ResNet-{depth} in torchvision's layout ({block.__name__}s {blocks}, widths 64..512 by default)."
     return build
 
 
@@ -141,6 +191,10 @@ for _depth in (20, 32, 56):
     _registry.register(f"resnet{_depth}")(_cifar_resnet(_depth))
 _registry.register("resnet18")(_imagenet_resnet([2, 2, 2, 2], 18))
 _registry.register("resnet34")(_imagenet_resnet([3, 4, 6, 3], 34))
+_registry.register("resnet50")(_imagenet_resnet([3, 4, 6, 3], 50, Bottleneck))
+# The architecture the PEEL authors inverted: BasicBlock ResNet-18 without BatchNorm and without
+# the ReLU after the addition (``maxpool=False`` for their variant without the stem's max-pool).
+_registry.register("peel_resnet18")(_imagenet_resnet([2, 2, 2, 2], 18, BasicBlock, "none", False))
 
 
 def get(name: str, **params: Any) -> nn.Module:

@@ -108,3 +108,88 @@ def test_unsupported_layer_is_named():
     assert not ok and "Tanh" in reason and "act" in reason
     with pytest.raises(UnsupportedLayerError, match="unsupported layer Tanh at act"):
         extract_stages(client, (3, 8, 8))
+
+
+def test_bottleneck_blocks_are_inverted():
+    from splitnn.zoo import Bottleneck
+
+    authors = Bottleneck(16, 4, norm="none", post_relu=False).double().eval()  # 16 -> 16 channels, identity
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = authors(x)
+    x_hat, _ = invert_block(authors, y)
+    assert _rel(x_hat, x) < 1e-6
+
+    standard = Bottleneck(16, 8).double().eval()  # 16 -> 32 channels: 1x1 conv shortcut, BN, post-ReLU
+    _randomise_batchnorm(standard)
+    x = torch.relu(torch.randn(2, 16, 8, 8, dtype=torch.float64))
+    with torch.no_grad():
+        y = standard(x)
+    x_hat, _ = invert_block(standard, y, lower=0.0, max_iter=2000)
+    with torch.no_grad():
+        assert _rel(standard(x_hat), y) < 1e-6
+
+
+def test_torchvision_bottleneck_client_is_supported():
+    model = torchvision.models.resnet50(num_classes=10).eval()
+    client, _ = split(model, "layer1.0")
+    stages = extract_stages(client, (3, 32, 32))
+    assert stages[-1].kind == "block" and len(stages[-1].convs) == 3
+
+
+def test_authors_resnet18_deepest_first_stage_cut_gives_the_image_back():
+    model = zoo.get("peel_resnet18", stem="small", width=16).eval()
+    client, _ = split(model, "layer1")
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    client = client.double()
+    with torch.no_grad():
+        features = client(x)
+    rec = PEEL(refine=False).reconstruct(client, features, image_shape=(3, 16, 16), truth=x)
+    mse = float(((rec.images - x) ** 2).mean())
+    assert 10 * torch.log10(torch.tensor(1.0 / mse)) >= 60  # PSNR in dB
+    assert all(d["true_input_error"] <= 1e-6 for d in rec.diagnostics["stages"][1:])  # identity blocks
+
+
+def test_samples_are_solved_independently_of_their_batch():
+    model = zoo.get("resnet20", norm="none", post_relu=False).eval().double()
+    client, _ = split(model, "layer1.0")
+    x = torch.rand(3, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        features = client(x)
+    peel = PEEL(refine=False)
+    together = peel.reconstruct(client, features, image_shape=(3, 12, 12)).images
+    alone = peel.reconstruct(client, features[1:2], image_shape=(3, 12, 12)).images
+    assert torch.allclose(together[1:2], alone, atol=1e-6)
+
+
+def test_paper_solver_and_default_solver_on_an_authors_block():
+    model = zoo.get("resnet20", norm="none", post_relu=False).eval()
+    client, _ = split(model, "layer1.0")
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        features = client(x)
+    paper = PEEL(solver="paper", refine=False).reconstruct(client, features, image_shape=(3, 8, 8), truth=x)
+    default = PEEL(refine=False).reconstruct(client, features, image_shape=(3, 8, 8), truth=x)
+    assert paper.diagnostics["stages"][-1]["adam_iterations"] == 1000
+    paper_error = paper.diagnostics["stages"][-1]["true_input_error"]
+    default_error = default.diagnostics["stages"][-1]["true_input_error"]
+    assert paper_error < 0.5  # it does invert, coarsely
+    assert default_error <= paper_error
+
+
+def test_refinement_reports_both_and_oracle_mode_needs_the_truth():
+    model = zoo.get("resnet20").eval()
+    _randomise_batchnorm(model)
+    client, _ = split(model, "layer1.0")
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        features = client(x)
+    rec = PEEL(max_iter=30, refine_iter=30).reconstruct(client, features, image_shape=(3, 8, 8), truth=x)
+    d = rec.diagnostics
+    assert {"blockwise_mse", "blockwise_residual", "refined_residual", "refine_start"} <= set(d)
+    assert d["refined_residual"] <= d["blockwise_residual"]
+    with pytest.raises(ValueError, match="oracle_reset"):
+        PEEL(chaining="oracle_reset").reconstruct(client, features, image_shape=(3, 8, 8))
+    oracle = PEEL(chaining="oracle_reset", refine=False, max_iter=30).reconstruct(
+        client, features, image_shape=(3, 8, 8), truth=x)
+    assert oracle.diagnostics["chaining"] == "oracle_reset"

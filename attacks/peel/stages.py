@@ -58,6 +58,7 @@ class Stage:
     # Blocks only: the residual branch, the shortcut (None = identity) and the post-addition ReLU.
     residual: Callable[[torch.Tensor], torch.Tensor] | None = None
     shortcut: nn.Conv2d | None = None
+    convs: list[nn.Conv2d] = field(default_factory=list)   # the branch's folded convolutions, ReLUs between
     post_relu: bool = False
     description: list[str] = field(default_factory=list)
 
@@ -125,6 +126,9 @@ def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
     if isinstance(block, zoo.BasicBlock):
         convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
         post_relu = block.post_relu
+    elif isinstance(block, zoo.Bottleneck):
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
+        post_relu = block.post_relu
     elif isinstance(block, tv_resnet.BasicBlock):
         convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
         post_relu = True
@@ -158,10 +162,10 @@ def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
     kind = f"{type(block).__name__}({'identity' if shortcut is None else 'conv'} shortcut" \
            f"{', post-ReLU' if post_relu else ''})"
     return Stage(name, "block", forward, post_relu, pre_relu=pre_activation if post_relu else None,
-                 residual=residual, shortcut=shortcut, post_relu=post_relu, description=[kind])
+                 residual=residual, shortcut=shortcut, convs=folded, post_relu=post_relu, description=[kind])
 
 
-BLOCKS = (zoo.BasicBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+BLOCKS = (zoo.BasicBlock, zoo.Bottleneck, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
 
 
 def build_stages(client: nn.Module, dtype: torch.dtype = torch.float64) -> list[Stage]:
