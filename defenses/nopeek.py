@@ -62,7 +62,7 @@ class NoPeek(Defense):
         def loss(_: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             features = client(xb)
             penalty = distance_correlation(xb, features)
-            penalties.append(float(penalty))
+            penalties.append(float(penalty.detach()))
             return F.cross_entropy(server(features), yb) + self.alpha * penalty
 
         fit(model, x, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,

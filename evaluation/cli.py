@@ -45,6 +45,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def defense_rows() -> list[dict[str, str]]:
+    """One row per registered defense: name, kind, parameters with defaults, guarantee type, summary."""
+    import inspect
+
+    import defenses
+
+    rows = []
+    for name in defenses.names():
+        cls = defenses.defense_class(name)
+        params = [f"{p.name}={p.default!r}" for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name not in ("self", "seed")]
+        hooks = [h for h, on in (("fit on training data", cls.needs_fit), ("uses the cut", cls.uses_cut)) if on]
+        doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+        rows.append({"name": name, "kind": cls.kind + (f" ({', '.join(hooks)})" if hooks else ""),
+                     "parameters": ", ".join(params) or "-", "guarantee": cls.guarantee_type, "what": doc})
+    return rows
+
+
+def _cmd_defenses(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    rows = defense_rows()
+    if args.verbose:
+        for row in rows:
+            print(f"{row['name']} [{row['kind']}]\n  parameters: {row['parameters']} (and seed=0)\n"
+                  f"  guarantee: {row['guarantee']}\n  {row['what']}\n")
+    else:
+        print(tabulate([{k: row[k] for k in ("name", "kind", "parameters", "guarantee")} for row in rows],
+                       headers="keys", tablefmt="simple"))
+        print("\nevery defense also takes seed (default 0); `leakbench defenses -v` describes each one")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leakbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config and list the cells it would run")
     validate.add_argument("config")
     validate.set_defaults(func=_cmd_validate)
+    listing = sub.add_parser("defenses", help="list every defense with its kind, parameters and guarantee")
+    listing.add_argument("-v", "--verbose", action="store_true", help="one paragraph per defense")
+    listing.set_defaults(func=_cmd_defenses)
     return parser
 
 
@@ -66,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ParameterError as exc:
-        print(f"leakbench: config error in {args.config}: {exc}", file=sys.stderr)
+        print(f"leakbench: config error in {getattr(args, 'config', '<arguments>')}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except OSError as exc:
-        print(f"leakbench: cannot read {getattr(exc, 'filename', '') or args.config}: {exc.strerror or exc}",
+        where = getattr(exc, "filename", "") or getattr(args, "config", "")
+        print(f"leakbench: cannot read {where}: {exc.strerror or exc}",
               file=sys.stderr)
         return EXIT_CONFIG_ERROR
 

@@ -39,10 +39,17 @@ class Cell:
         return self.config[item]
 
     def train_config(self) -> TrainConfig:
+        """What trains this cell's model: a training defense (and, if it acts there, the cut) is part of
+        it, so such a cell gets its own checkpoint; transform defenses share the undefended model."""
         c = self.config
+        defense, cut = None, None
+        cls = defenses.defense_class(c["defense"]["name"])
+        if cls.kind == "training":
+            defense = {"name": c["defense"]["name"], "params": dict(c["defense"]["params"])}
+            cut = c["cut"] if cls.uses_cut else None
         return TrainConfig(model=c["model"]["name"], dataset=c["dataset"]["name"],
                            model_params=c["model"]["params"], dataset_params=c["dataset"]["params"],
-                           seed=c["seed"], **c["train"])
+                           seed=c["seed"], defense=defense, cut=cut, **c["train"])
 
     def short_label(self) -> str:
         """Cut, defense with its parameters, and attack name, on three lines (for figures)."""

@@ -2,6 +2,7 @@
 storing failures and inapplicable cells as rows instead of stopping."""
 from __future__ import annotations
 
+import copy
 import resource
 import time
 import traceback
@@ -21,7 +22,7 @@ from splitnn import datasets
 from splitnn.datasets import Dataset
 from splitnn.model import SplitModel
 from splitnn.split import split
-from splitnn.training import TrainedModel, train
+from splitnn.training import TrainedModel, config_hash, train
 
 
 class NonFiniteFeatures(RuntimeError):
@@ -46,6 +47,7 @@ class Matrix:
         self.progress = progress
         self._data: dict[str, Dataset] = {}
         self._models: dict[str, TrainedModel] = {}
+        self._fitted: dict[str, tuple[defenses.Defense, torch.nn.Module]] = {}
 
     def cells(self) -> list[Cell]:
         return self.config.cells()
@@ -62,6 +64,32 @@ class Matrix:
             self._models[config.key()] = train(config, self.cache_dir, data=self.dataset(cell),
                                                progress=self.progress)
         return self._models[config.key()]
+
+    def defense(self, cell: Cell, trained: TrainedModel, client: torch.nn.Module,
+                server: torch.nn.Module) -> tuple[defenses.Defense, torch.nn.Module]:
+        """The cell's defense, ready to use, and the server half to use it with.
+
+        A training defense is the instance that trained the model (it carries e.g. the epsilon spent).
+        A transform defense that ``needs_fit`` is fitted once on the training data per (model, cut,
+        defense, seed) and shared by the cells that differ only in the attack; each cell gets a copy
+        whose random stream starts again from the seed.
+        """
+        spec = cell["defense"]
+        if trained.defense is not None:
+            return trained.defense, server
+        defense = defenses.get(spec["name"], seed=cell["seed"], **spec["params"])
+        if not defense.needs_fit:
+            return defense, server
+        key = config_hash({"model": trained.config.key(), "cut": cell["cut"], "defense": spec, "seed": cell["seed"]})
+        if key not in self._fitted:
+            data = self.dataset(cell)
+            server = defense.fit(client, server, data.x_train, data.y_train)
+            server.eval()
+            self._fitted[key] = (defense, server)
+        fitted, server = self._fitted[key]
+        fresh = copy.deepcopy(fitted)
+        fresh._generator = None
+        return fresh, server
 
     def run(self, store: ResultStore) -> RunSummary:
         cells = self.cells()
@@ -101,7 +129,7 @@ class Matrix:
         client, server = split(trained.model, cell["cut"])
         client.eval()
         server.eval()
-        defense = defenses.get(cell["defense"]["name"], seed=seed, **cell["defense"]["params"])
+        defense, server = self.defense(cell, trained, client, server)
         attack = attacks.get(cell["attack"]["name"], **cell["attack"]["params"])
 
         ok, reason = attack.supports(client, defense)
@@ -120,7 +148,7 @@ class Matrix:
         return {"status": "done", "accuracy": utility, "per_image": per_image,
                 "summary": {m: summarize(v, seed=seed) for m, v in per_image.items()},
                 "reconstruction": recon.images, "guarantee": defense.guarantee(),
-                "diagnostics": {"attack": recon.diagnostics,
+                "diagnostics": {"attack": recon.diagnostics, "defense": defense.report,
                                 "model": {"test_accuracy_undefended": trained.test_accuracy,
                                           "from_cache": trained.from_cache, "checkpoint": str(trained.path)}}}
 
