@@ -24,6 +24,8 @@ class Reconstruction:
 
     images: torch.Tensor
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: other reconstructions the attack produced on the way (e.g. PEEL's block-wise image before refinement)
+    alternatives: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Attack:

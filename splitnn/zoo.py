@@ -112,6 +112,86 @@ class Bottleneck(nn.Module):
         return self.relu(out) if self.post_relu else out
 
 
+class IRBlock(nn.Module):
+    """The face-recognition IR block: BN-conv3x3-PReLU-conv3x3(stride)-BN, plus the shortcut, no activation after.
+
+    The shortcut is the identity, a subsampling ``MaxPool2d(1, stride)`` when only the
+    resolution changes, or a 1x1 conv (+norm) when the width changes.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch", post_relu: bool = False):
+        super().__init__()
+        use_bias = norm == "none"
+        self.bn0 = _norm(norm, in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, 1, 1, bias=use_bias)
+        self.prelu = nn.PReLU(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=use_bias)
+        self.bn2 = _norm(norm, planes)
+        self.post_relu = post_relu
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if in_planes != planes:
+            layers: list[nn.Module] = [nn.Conv2d(in_planes, planes, 1, stride, bias=use_bias)]
+            if norm != "none":
+                layers.append(nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(*layers)
+        elif stride != 1:
+            self.downsample = nn.MaxPool2d(1, stride)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn0(x) if self.bn0 is not None else x
+        out = self.prelu(self.conv1(out))
+        out = self.conv2(out)
+        return self.bn2(out) if self.bn2 is not None else out
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shortcut(x) + self.residual(x)
+        return self.relu(out) if self.post_relu else out
+
+
+class IRNet(nn.Module):
+    """IR-style face backbone: conv3x3-BN-PReLU stem, stages of IRBlocks (each starts with stride 2),
+    then BN, global average pool and a linear head."""
+
+    def __init__(self, blocks_per_stage: list[int], width: int = 64, num_classes: int = 10, in_channels: int = 3,
+                 norm: str = "batch"):
+        super().__init__()
+        check_choice("norm", norm, NORMS)
+        check_number("width", width, low=1, integer=True)
+        check_number("num_classes", num_classes, low=2, integer=True)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=norm == "none")
+        self.bn1 = _norm(norm, width)
+        self.prelu = nn.PReLU(width)
+        self.stage_names: list[str] = []
+        in_planes = width
+        for i, (n, w) in enumerate(zip(blocks_per_stage, widths)):
+            blocks = [IRBlock(in_planes if j == 0 else w, w, 2 if j == 0 else 1, norm) for j in range(n)]
+            in_planes = w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            self.stage_names.append(f"layer{i + 1}")
+        self.bn_out = _norm(norm, in_planes)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.bn1 is not None:
+            x = self.bn1(x)
+        x = self.prelu(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        if self.bn_out is not None:
+            x = self.bn_out(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
 class ResNet(nn.Module):
     """A ResNet with a small-image stem (3x3/1 conv) or an ImageNet stem (7x7/2 conv, max-pool unless
     ``maxpool=False``)."""
@@ -195,6 +275,19 @@ _registry.register("resnet50")(_imagenet_resnet([3, 4, 6, 3], 50, Bottleneck))
 # The architecture the PEEL authors inverted: BasicBlock ResNet-18 without BatchNorm and without
 # the ReLU after the addition (``maxpool=False`` for their variant without the stem's max-pool).
 _registry.register("peel_resnet18")(_imagenet_resnet([2, 2, 2, 2], 18, BasicBlock, "none", False))
+
+
+def _ir(blocks: list[int], depth: int):
+    def build(num_classes: int = 10, in_channels: int = 3, norm: str = "batch", width: int = 64) -> IRNet:
+        return IRNet(blocks, width, num_classes, in_channels, norm)
+
+    build.__doc__ = f"IR-{depth} face backbone (IRBlocks {blocks}, PReLU, widths 64..512 by default)."
+    return build
+
+
+_registry.register("ir18")(_ir([2, 2, 2, 2], 18))
+_registry.register("ir50")(_ir([3, 4, 14, 3], 50))
+_registry.register("ir152")(_ir([3, 8, 36, 3], 152))
 
 
 def get(name: str, **params: Any) -> nn.Module:

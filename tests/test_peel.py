@@ -65,7 +65,7 @@ def test_stages_reproduce_the_client_with_batchnorm_folded():
     client, _ = split(model, "layer2")
     stages = extract_stages(client, (3, 32, 32))
     assert [s.kind for s in stages] == ["layers"] + ["block"] * 6
-    assert stages[4].shortcut is not None and stages[1].shortcut is None  # layer2.0 downsamples
+    assert stages[4].shortcut_kind == "conv" and stages[1].shortcut_kind == "identity"  # layer2.0 downsamples
 
 
 def test_peel_inverts_an_authors_setting_client_to_the_image():
@@ -134,7 +134,7 @@ def test_torchvision_bottleneck_client_is_supported():
     model = torchvision.models.resnet50(num_classes=10).eval()
     client, _ = split(model, "layer1.0")
     stages = extract_stages(client, (3, 32, 32))
-    assert stages[-1].kind == "block" and len(stages[-1].convs) == 3
+    assert stages[-1].kind == "block" and len(stages[-1].layers) == 3
 
 
 def test_authors_resnet18_deepest_first_stage_cut_gives_the_image_back():
@@ -193,3 +193,63 @@ def test_refinement_reports_both_and_oracle_mode_needs_the_truth():
     oracle = PEEL(chaining="oracle_reset", refine=False, max_iter=30).reconstruct(
         client, features, image_shape=(3, 8, 8), truth=x)
     assert oracle.diagnostics["chaining"] == "oracle_reset"
+
+
+@pytest.mark.parametrize("in_planes, planes, stride, kind", [
+    (8, 8, 1, "identity"), (8, 8, 2, "subsample"), (8, 16, 2, "conv")])
+def test_ir_blocks_with_prelu_are_inverted(in_planes, planes, stride, kind):
+    from splitnn.zoo import IRBlock
+
+    block = IRBlock(in_planes, planes, stride).double().eval()
+    _randomise_batchnorm(block)
+    x = torch.randn(2, in_planes, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+    x_hat, diag = invert_block(block, y, input_shape=(in_planes, 8, 8), max_iter=1000)
+    assert kind in diag["kind"]
+    with torch.no_grad():
+        assert _rel(block(x_hat), y) < 1e-6
+    if kind == "identity":  # injective here: the input itself comes back
+        assert _rel(x_hat, x) < 1e-6
+
+
+def test_ir_network_splits_exactly_and_peel_supports_it():
+    model = zoo.get("ir18", width=8).eval()
+    _randomise_batchnorm(model)
+    client, server = split(model, "layer2")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(server(client(x)), model(x))
+    assert PEEL().supports(client)[0]
+    extract_stages(client, (3, 16, 16))  # reproduces the client, PReLU stem included
+
+
+def test_groupnorm_model_from_opacus_is_handled():
+    from opacus.validators import ModuleValidator
+
+    model = ModuleValidator.fix(zoo.get("resnet20")).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    client, _ = split(model, "layer2.0")
+    stages = extract_stages(client, (3, 16, 16))  # reproduces the client: GroupNorm kept as the nonlinear op it is
+    assert stages[-1].shortcut_kind == "other"  # 1x1 conv + GroupNorm shortcut
+    block = model.layer2[0].double()
+    x = torch.relu(torch.randn(2, 16, 16, 16, dtype=torch.float64))
+    with torch.no_grad():
+        y = block(x)
+    x_hat, _ = invert_block(block, y, input_shape=(16, 16, 16), lower=0.0, max_iter=500)
+    with torch.no_grad():
+        assert _rel(block(x_hat), y) < 1e-3
+
+
+def test_peel_can_start_from_the_logits():
+    model = zoo.get("resnet20").eval()
+    _randomise_batchnorm(model)
+    client, _ = split(model, "fc")
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        logits = client(x)
+    assert logits.shape == (2, 10)
+    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False).reconstruct(client, logits, image_shape=(3, 8, 8))
+    assert rec.images.shape == x.shape and torch.isfinite(rec.images).all()
+    assert rec.diagnostics["stages"][-1]["kind"] == "layers"  # avgpool + flatten + linear head
+    assert rec.diagnostics["refined_residual"] < 1e-3  # the logits are matched (many images do)

@@ -48,7 +48,8 @@ class PEEL(Attack):
 
     def __init__(self, solver: str = "default", refine: bool = True, chaining: str = "honest",
                  max_iter: int = 300, fixed_point_iters: int = 100, refine_iter: int = 500,
-                 tv_weight: float = 0.0, also_from_grey: bool = True, dtype: str = "float64"):
+                 tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 0.0,
+                 dtype: str = "float64"):
         self.solver = check_choice("solver", solver, ("default", "paper"))
         self.refine = check_bool("refine", refine)
         self.chaining = check_choice("chaining", chaining, ("honest", "oracle_reset"))
@@ -57,13 +58,15 @@ class PEEL(Attack):
         self.refine_iter = check_number("refine_iter", refine_iter, low=0, integer=True)
         self.tv_weight = float(check_number("tv_weight", tv_weight, low=0))
         self.also_from_grey = check_bool("also_from_grey", also_from_grey)
+        self.prior_weight = float(check_number("prior_weight", prior_weight, low=0))
         self.dtype = check_choice("dtype", dtype, ("float32", "float64"))
 
     @property
     def params(self) -> dict[str, Any]:
         return {"solver": self.solver, "refine": self.refine, "chaining": self.chaining, "max_iter": self.max_iter,
                 "fixed_point_iters": self.fixed_point_iters, "refine_iter": self.refine_iter,
-                "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey, "dtype": self.dtype}
+                "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey,
+                "prior_weight": self.prior_weight, "dtype": self.dtype}
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         try:
@@ -77,7 +80,7 @@ class PEEL(Attack):
         if self.solver == "paper":
             return invert_stage_paper(stage, target, lower=lower, upper=upper)
         return invert_stage(stage, target, lower=lower, upper=upper, max_iter=self.max_iter,
-                            fixed_point_iters=self.fixed_point_iters)
+                            fixed_point_iters=self.fixed_point_iters, prior_weight=self.prior_weight)
 
     def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
         shape = require_image_shape(ctx)
@@ -127,7 +130,8 @@ class PEEL(Attack):
                                 "refine_seconds": sum(f.seconds for f in fits.values())})
             diagnostics["iterations"] += sum(f.iterations for f in fits.values())
         diagnostics["seconds"] = time.perf_counter() - start
-        return Reconstruction(images.to(features.dtype), diagnostics)
+        return Reconstruction(images.to(features.dtype), diagnostics,
+                              {"blockwise": blockwise.to(features.dtype)} if self.refine else {})
 
 
 def chain(stages: list[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,7 +1,8 @@
 """The PEEL paper's per-block formulation, solved as the authors did (for faithful comparison).
 
 For a block ``y = S(x) + W_k·ReLU(... ReLU(W_1·x))`` every hidden pre-activation is split into
-``W_j·h_{j-1} = p_j - n_j`` with ``p_j, n_j >= 0`` and ``p_j ⊙ n_j = 0``, so ``ReLU(W_j·h) = p_j``.
+``W_j·h_{j-1} = p_j - n_j`` with ``p_j, n_j >= 0`` and ``p_j ⊙ n_j = 0``, so ``ReLU(W_j·h) = p_j``
+(and ``PReLU(W_j·h) = p_j - a·n_j`` for a PReLU with slope ``a``).
 The variables ``x, p, n`` start at ``1e-3·N(0, 1)`` and are fitted with Adam (lr 0.01, 1000
 iterations) on the output error plus both constraints with a fixed penalty weight of 100;
 ``p, n >= 0`` (and the input bounds) are kept by projection after every step.
@@ -23,6 +24,14 @@ PAPER_PENALTY = 100.0
 PAPER_INIT_SCALE = 1e-3
 
 
+def _negative_slope(act: object, like: torch.Tensor) -> torch.Tensor | float:
+    """0 for ReLU; the (per-channel) slope for a PReLU, shaped to broadcast over ``like``."""
+    if isinstance(act, torch.nn.PReLU):
+        w = act.weight.detach()
+        return w.view(1, -1, *([1] * (like.dim() - 2))) if w.numel() > 1 else w
+    return 0.0
+
+
 def invert_stage_paper(stage: Stage, y: torch.Tensor, *, lower: float | None = None, upper: float | None = None,
                        iterations: int = PAPER_ITERATIONS, lr: float = PAPER_LR, penalty: float = PAPER_PENALTY,
                        seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -39,10 +48,10 @@ def invert_stage_paper(stage: Stage, y: torch.Tensor, *, lower: float | None = N
     if stage.kind == "block":
         with torch.no_grad():
             h = x
-            for conv in stage.convs[:-1]:
-                h = conv(h)
+            for layer, act in zip(stage.layers[:-1], stage.activations):
+                h = layer(h)
                 hidden.append((noise(tuple(h.shape)), noise(tuple(h.shape))))
-                h = torch.relu(h)
+                h = act(h)
     params = [x] + [t for pair in hidden for t in pair]
     optimizer = torch.optim.Adam(params, lr=lr)
 
@@ -51,11 +60,11 @@ def invert_stage_paper(stage: Stage, y: torch.Tensor, *, lower: float | None = N
         if stage.kind == "block":
             loss = y.new_zeros(())
             h = x
-            for conv, (p, n) in zip(stage.convs[:-1], hidden):
-                split = conv(h) - p + n
+            for layer, act, (p, n) in zip(stage.layers[:-1], stage.activations, hidden):
+                split = layer(h) - p + n
                 loss = loss + penalty * (split.pow(2).mean() + (p * n).pow(2).mean())
-                h = p
-            z = (x if stage.shortcut is None else stage.shortcut(x)) + stage.convs[-1](h)
+                h = p - _negative_slope(act, p) * n
+            z = (x if stage.shortcut is None else stage.shortcut(x)) + stage.layers[-1](h)
             out = torch.relu(z) if stage.post_relu else z
             loss = loss + F.mse_loss(out, y)
         else:

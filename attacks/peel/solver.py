@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacks.optim import fit_input, project, relative_residual, relu_consistency
-from attacks.peel.stages import Stage, _block, shortcut_pinv_start
+from attacks.peel.stages import Stage, _block, shortcut_start
 
 
 def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | None, upper: float | None,
@@ -41,12 +41,13 @@ def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | N
 
 
 def warm_start(stage: Stage, y: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
-    """Where the solver starts: the output itself through an identity shortcut (x ≈ y), the shortcut's
-    least-squares inverse through a strided one, and mid-range (grey for an image) otherwise."""
+    """Where the solver starts: the output itself through an identity shortcut (x ≈ y), the inverse of
+    the shortcut alone through any other (see ``shortcut_start``), and mid-range (grey for an image)
+    for layer groups."""
     if stage.kind == "block" and stage.identity_shortcut:
         x0 = y.clone()
     elif stage.kind == "block":
-        x0 = shortcut_pinv_start(stage, y)
+        x0 = shortcut_start(stage, y)
     else:
         fill = 0.5 * (lower + upper) if lower is not None and upper is not None else 0.0
         x0 = torch.full((y.shape[0], *stage.input_shape), fill, dtype=y.dtype)
@@ -54,15 +55,27 @@ def warm_start(stage: Stage, y: torch.Tensor, lower: float | None, upper: float 
 
 
 def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, upper: float | None = None,
-                 max_iter: int = 300, fixed_point_iters: int = 100) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Find ``x`` within the bounds with ``stage.forward(x) ≈ y``; returns it and the stage's diagnostics."""
+                 max_iter: int = 300, fixed_point_iters: int = 100, prior_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Find ``x`` within the bounds with ``stage.forward(x) ≈ y``; returns it and the stage's diagnostics.
+
+    ``prior_weight > 0`` adds ``prior_weight·||x - x0||²`` (relative to ``||x0||²``, scaled like the data
+    term), x0 being the warm start: where the block drops information (a ReLU's zeros, a stride)
+    it picks the solution nearest the warm start instead of any exact fit.
+    """
     start = time.perf_counter()
     x = warm_start(stage, y, lower, upper)
+    anchor = x.clone()
     fp_iters = 0
     if stage.identity_shortcut and fixed_point_iters > 0:
         x, fp_iters = fixed_point(stage, y, x, lower, upper, fixed_point_iters)
     data_loss = relu_consistency(stage.pre_relu, y) if stage.pre_relu is not None else None
-    fit = fit_input(stage.forward, y, x, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss)
+    regulariser = None
+    if prior_weight > 0:
+        weight = prior_weight * float(y.pow(2).sum()) / max(float(anchor.pow(2).sum()), 1e-30)
+        regulariser = lambda v: 0.5 * weight * (v - anchor).pow(2).sum()  # noqa: E731
+    fit = fit_input(stage.forward, y, x, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
+                    regulariser=regulariser)
     return fit.x, {"stage": stage.name, "kind": stage.description[0] if stage.kind == "block" else "layers",
                    "fixed_point_iterations": fp_iters, "lbfgs_iterations": fit.iterations,
                    "residual": fit.residual, "seconds": time.perf_counter() - start}

@@ -55,10 +55,14 @@ class Stage:
     #: ``forward`` without its final ReLU, when the stage ends in one (lets solvers treat zeros as constraints)
     pre_relu: Callable[[torch.Tensor], torch.Tensor] | None = None
     input_shape: tuple[int, ...] = ()
-    # Blocks only: the residual branch, the shortcut (None = identity) and the post-addition ReLU.
+    # Blocks only: the residual branch W_k·a(... a(W_1·x)) as its affine layers (BatchNorm folded in;
+    # a GroupNorm or a leading BatchNorm kept as a module) and the activations between them
+    # (ReLU or PReLU), the shortcut (None = identity) and the ReLU after the addition.
     residual: Callable[[torch.Tensor], torch.Tensor] | None = None
-    shortcut: nn.Conv2d | None = None
-    convs: list[nn.Conv2d] = field(default_factory=list)   # the branch's folded convolutions, ReLUs between
+    layers: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    activations: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    shortcut: Callable[[torch.Tensor], torch.Tensor] | None = None
+    shortcut_kind: str = "identity"    # identity | conv (a plain 1x1 conv) | subsample | other
     post_relu: bool = False
     description: list[str] = field(default_factory=list)
 
@@ -88,7 +92,7 @@ def _layer_group(name: str, items: list[tuple[str, nn.Module | None, object]], d
             i += 2 if bn is not None else 1
             nonneg = False
             continue
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):  # GroupNorm: per sample, not foldable
             ops.append(_frozen(module, dtype))
             nonneg = False
         elif isinstance(module, _ELEMENTWISE_NONNEG):
@@ -122,35 +126,58 @@ def _layer_group(name: str, items: list[tuple[str, nn.Module | None, object]], d
 
 # ---------------------------------------------------------------- residual blocks
 
+def _affine(conv: nn.Conv2d, norm: nn.Module | None, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """conv followed by its norm: BatchNorm is folded in; GroupNorm (per-sample, so not foldable) stays a module."""
+    if norm is None or isinstance(norm, nn.BatchNorm2d):
+        return fold_conv_bn(conv, norm, dtype)
+    if isinstance(norm, nn.GroupNorm):
+        return nn.Sequential(_frozen(conv, dtype), _frozen(norm, dtype))
+    raise UnsupportedLayerError(f"unsupported layer {type(norm).__name__} after a convolution")
+
+
+def _branch(block: nn.Module, dtype: torch.dtype) -> tuple[list, list, bool]:
+    """(layers, activations, post_relu) of a supported block's residual branch."""
+    relu = torch.relu
+    if isinstance(block, (zoo.BasicBlock, tv_resnet.BasicBlock)):
+        layers = [_affine(block.conv1, block.bn1, dtype), _affine(block.conv2, block.bn2, dtype)]
+        return layers, [relu], getattr(block, "post_relu", True)
+    if isinstance(block, (zoo.Bottleneck, tv_resnet.Bottleneck)):
+        layers = [_affine(block.conv1, block.bn1, dtype), _affine(block.conv2, block.bn2, dtype),
+                  _affine(block.conv3, block.bn3, dtype)]
+        return layers, [relu, relu], getattr(block, "post_relu", True)
+    if isinstance(block, zoo.IRBlock):
+        first = _frozen(block.conv1, dtype) if block.bn0 is None else \
+            nn.Sequential(_frozen(block.bn0, dtype), _frozen(block.conv1, dtype))  # BN before a padded conv: kept
+        return [first, _affine(block.conv2, block.bn2, dtype)], [_frozen(block.prelu, dtype)], block.post_relu
+    raise UnsupportedLayerError(f"unsupported layer {type(block).__name__}")
+
+
+def _shortcut(name: str, downsample: nn.Module | None, dtype: torch.dtype
+              ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+    if downsample is None:
+        return None, "identity"
+    if isinstance(downsample, nn.MaxPool2d) and downsample.kernel_size in (1, (1, 1)):
+        return _frozen(downsample, dtype), "subsample"
+    parts = list(downsample) if isinstance(downsample, nn.Sequential) else [downsample]
+    if isinstance(parts[0], nn.Conv2d) and parts[0].kernel_size == (1, 1) and len(parts) <= 2:
+        norm = parts[1] if len(parts) == 2 else None
+        shortcut = _affine(parts[0], norm, dtype)
+        return shortcut, "conv" if isinstance(shortcut, nn.Conv2d) else "other"
+    raise UnsupportedLayerError(f"unsupported layer {downsample} at {name}.downsample: expected a 1x1 "
+                                "convolution (with BatchNorm or GroupNorm) or a subsampling MaxPool2d(1, stride)")
+
+
 def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
-    if isinstance(block, zoo.BasicBlock):
-        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-        post_relu = block.post_relu
-    elif isinstance(block, zoo.Bottleneck):
-        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
-        post_relu = block.post_relu
-    elif isinstance(block, tv_resnet.BasicBlock):
-        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-        post_relu = True
-    elif isinstance(block, tv_resnet.Bottleneck):
-        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
-        post_relu = True
-    else:  # pragma: no cover - guarded by the caller
-        raise UnsupportedLayerError(f"unsupported layer {type(block).__name__} at {name}")
-    folded = [fold_conv_bn(conv, bn, dtype) for conv, bn in convs]
-    shortcut = None
-    if block.downsample is not None:
-        layers = list(block.downsample)
-        if not isinstance(layers[0], nn.Conv2d) or len(layers) > 2 or (
-                len(layers) == 2 and not isinstance(layers[1], nn.BatchNorm2d)):
-            raise UnsupportedLayerError(f"unsupported layer {block.downsample} at {name}.downsample: "
-                                        "expected a 1x1 convolution, optionally with BatchNorm")
-        shortcut = fold_conv_bn(layers[0], layers[1] if len(layers) == 2 else None, dtype)
+    try:
+        layers, activations, post_relu = _branch(block, dtype)
+    except UnsupportedLayerError as exc:
+        raise UnsupportedLayerError(f"{exc} at {name}") from None
+    shortcut, shortcut_kind = _shortcut(name, block.downsample, dtype)
 
     def residual(x: torch.Tensor) -> torch.Tensor:
-        for conv in folded[:-1]:
-            x = torch.relu(conv(x))
-        return folded[-1](x)
+        for layer, act in zip(layers[:-1], activations):
+            x = act(layer(x))
+        return layers[-1](x)
 
     def pre_activation(x: torch.Tensor) -> torch.Tensor:
         return (x if shortcut is None else shortcut(x)) + residual(x)
@@ -159,13 +186,13 @@ def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
         z = pre_activation(x)
         return torch.relu(z) if post_relu else z
 
-    kind = f"{type(block).__name__}({'identity' if shortcut is None else 'conv'} shortcut" \
-           f"{', post-ReLU' if post_relu else ''})"
+    kind = f"{type(block).__name__}({shortcut_kind} shortcut{', post-ReLU' if post_relu else ''})"
     return Stage(name, "block", forward, post_relu, pre_relu=pre_activation if post_relu else None,
-                 residual=residual, shortcut=shortcut, convs=folded, post_relu=post_relu, description=[kind])
+                 residual=residual, layers=layers, activations=activations, shortcut=shortcut,
+                 shortcut_kind=shortcut_kind, post_relu=post_relu, description=[kind])
 
 
-BLOCKS = (zoo.BasicBlock, zoo.Bottleneck, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+BLOCKS = (zoo.BasicBlock, zoo.Bottleneck, zoo.IRBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
 
 
 def build_stages(client: nn.Module, dtype: torch.dtype = torch.float64) -> list[Stage]:
@@ -214,20 +241,31 @@ def extract_stages(client: nn.Module, image_shape: tuple[int, int, int], dtype: 
     return stages
 
 
-def shortcut_pinv_start(stage: Stage, y: torch.Tensor) -> torch.Tensor:
-    """Warm start for a block with a strided 1x1 shortcut: least-squares inverse of the shortcut alone.
+def _fill_to(sub: torch.Tensor, stride: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour upsampling by ``stride``, padded/cropped to ``shape`` (C, H, W)."""
+    full = sub.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)
+    c, h, w = shape
+    pad = (0, max(0, w - full.shape[3]), 0, max(0, h - full.shape[2]))
+    return F.pad(full, pad, mode="replicate")[..., :h, :w]
 
-    The shortcut only sees every ``stride``-th pixel; the pixels it skips are filled with their
-    nearest seen neighbour (a smoothness prior), since the block's output does not pin them down
-    on its own.
+
+def shortcut_start(stage: Stage, y: torch.Tensor) -> torch.Tensor:
+    """Warm start for a block whose shortcut is not the identity: invert the shortcut alone.
+
+    A strided shortcut only sees every ``stride``-th pixel; the pixels it skips are filled with
+    their nearest seen neighbour (a smoothness prior), since the block's output does not pin
+    them down on its own. A 1x1 conv shortcut is inverted by least squares; a subsampling one
+    copies ``y``; a shortcut with GroupNorm starts from zeros.
     """
+    if stage.shortcut_kind == "subsample":
+        return _fill_to(y, stage.shortcut.stride if isinstance(stage.shortcut.stride, int)  # type: ignore[union-attr]
+                        else stage.shortcut.stride[0], stage.input_shape)  # type: ignore[union-attr]
+    if stage.shortcut_kind != "conv":
+        return torch.zeros((y.shape[0], *stage.input_shape), dtype=y.dtype)
     conv = stage.shortcut
-    assert conv is not None
+    assert isinstance(conv, nn.Conv2d)
     weight = conv.weight.detach()[:, :, 0, 0]          # (C_out, C_in)
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=y.dtype)
     rhs = (y - bias.view(1, -1, 1, 1)).permute(0, 2, 3, 1)  # (N, h, w, C_out)
     sub = (rhs @ torch.linalg.pinv(weight).T).permute(0, 3, 1, 2)  # (N, C_in, h, w)
-    stride = conv.stride[0]
-    full = sub.repeat_interleave(stride, dim=2).repeat_interleave(stride, dim=3)
-    c, h, w = stage.input_shape
-    return F.pad(full, (0, max(0, w - full.shape[3]), 0, max(0, h - full.shape[2])), mode="replicate")[..., :h, :w]
+    return _fill_to(sub, conv.stride[0], stage.input_shape)
