@@ -80,6 +80,40 @@ def _named(value: Any, key: str) -> dict[str, Any]:
     return {"name": value["name"], "params": dict(params)}
 
 
+def _zipped(value: Any, key: str) -> list[dict[str, Any]]:
+    """A defense or attack entry, with its optional ``zip`` expanded into paired variants.
+
+    ``{name: n, params: {a: 1}, zip: {b: [1, 2], c: [x, y]}}`` becomes two entries,
+    ``params {a: 1, b: 1, c: x}`` and ``params {a: 1, b: 2, c: y}``: the i-th value of every zipped
+    parameter goes together (no cross product). Each entry also records its YAML key and that of each
+    zipped value (popped again after validation), so that a bad value is reported where the user wrote it.
+    """
+    if not isinstance(value, dict) or "zip" not in value:
+        return [{**_named(value, key), "yaml_key": key, "zip_paths": {}}]
+    zipped = value["zip"]
+    base = _named({k: v for k, v in value.items() if k != "zip"}, key)
+    if not isinstance(zipped, dict) or not zipped:
+        raise ConfigError(f"{key}.zip", zipped, "a non-empty mapping of parameter names to lists of equal length")
+    length = None
+    for param, values in zipped.items():
+        if param in base["params"]:
+            raise ConfigError(f"{key}.zip.{param}", values, "a parameter given either in 'params' or in 'zip', "
+                                                           "not both")
+        if not isinstance(param, str) or not isinstance(values, list) or not values:
+            raise ConfigError(f"{key}.zip.{param}", values, "a non-empty list of values")
+        if length is None:
+            length = len(values)
+        elif len(values) != length:
+            raise ConfigError(f"{key}.zip.{param}", values,
+                              f"a list of {length} values, as long as the other zipped lists")
+    variants = []
+    for i in range(length or 0):
+        params = {**base["params"], **{p: vs[i] for p, vs in zipped.items()}}
+        variants.append({"name": base["name"], "params": params, "yaml_key": key,
+                         "zip_paths": {p: f"{key}.zip.{p}[{i}]" for p in zipped}})
+    return variants
+
+
 def _as_list(value: Any, key: str) -> list[Any]:
     items = value if isinstance(value, list) else [value]
     if not items:
@@ -87,11 +121,12 @@ def _as_list(value: Any, key: str) -> list[Any]:
     return items
 
 
-def _build(registry_get, spec: dict[str, Any], key: str) -> Any:
+def _build(registry_get, spec: dict[str, Any], key: str, zip_paths: dict[str, str] | None = None) -> Any:
     try:
         return registry_get(spec["name"], **spec["params"])
     except ParameterError as exc:
-        path = f"{key}.name" if exc.key == "name" else f"{key}.params.{exc.key}"
+        zip_paths = zip_paths or {}
+        path = f"{key}.name" if exc.key == "name" else zip_paths.get(exc.key, f"{key}.params.{exc.key}")
         raise ConfigError(path, exc.value, exc.expected) from None
 
 
@@ -120,8 +155,10 @@ class ExperimentConfig:
                                                               EVALUATION_KEYS)}
         check_number("evaluation.num_images", self.evaluation["num_images"], low=1, integer=True)
         self.cuts = _as_list(raw["cut"], "cut")
-        self.defenses = [_named(d, f"defenses[{i}]") for i, d in enumerate(_as_list(raw["defenses"], "defenses"))]
-        self.attacks = [_named(a, f"attacks[{i}]") for i, a in enumerate(_as_list(raw["attacks"], "attacks"))]
+        self.defenses = [v for i, d in enumerate(_as_list(raw["defenses"], "defenses"))
+                         for v in _zipped(d, f"defenses[{i}]")]
+        self.attacks = [v for i, a in enumerate(_as_list(raw["attacks"], "attacks"))
+                        for v in _zipped(a, f"attacks[{i}]")]
         self._validate()
 
     @staticmethod
@@ -150,10 +187,10 @@ class ExperimentConfig:
             if cut not in cuts:
                 raise ConfigError(f"cut[{i}]" if len(self.cuts) > 1 else "cut", cut,
                                   "a module after which the model can be cut: " + ", ".join(cuts))
-        for i, spec in enumerate(self.defenses):
-            spec["params"] = dict(_build(defenses.get, spec, f"defenses[{i}]").params)
-        for i, spec in enumerate(self.attacks):
-            spec["params"] = dict(_build(attacks.get, spec, f"attacks[{i}]").params)
+        for section, registry in (("defenses", defenses.get), ("attacks", attacks.get)):
+            for spec in getattr(self, section):
+                key, paths = spec.pop("yaml_key"), spec.pop("zip_paths")
+                spec["params"] = dict(_build(registry, spec, key, paths).params)
 
     def cells(self) -> list[Cell]:
         """The grid: every seed x cut x defense x attack, in that nesting order."""

@@ -1,16 +1,21 @@
 """The matrix runner: runs every cell of a config, skipping cells the store already has done,
-storing failures and inapplicable cells as rows instead of stopping."""
+storing failures and inapplicable cells as rows instead of stopping.
+
+Computing a cell (``Matrix.compute_cell``) is separate from storing it: an executor
+(``evaluation.executors``) computes cells here or on Dask workers, and only the process that owns the
+store writes it, one transaction per finished cell, as results arrive.
+"""
 from __future__ import annotations
 
 import copy
 import resource
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 import attacks
 import defenses
@@ -24,6 +29,9 @@ from splitnn.model import SplitModel
 from splitnn.split import split
 from splitnn.training import TrainedModel, config_hash, train
 
+if TYPE_CHECKING:
+    from evaluation.executors import Executor
+
 
 class NonFiniteFeatures(RuntimeError):
     """The features at the cut contain NaN or infinity."""
@@ -31,15 +39,47 @@ class NonFiniteFeatures(RuntimeError):
 
 @dataclass
 class RunSummary:
+    """What a run did: cells by status, and how often shared work came from a cache."""
+
     run_id: str
     done: int = 0
     skipped: int = 0
     failed: int = 0
     not_applicable: int = 0
+    cache: Counter = field(default_factory=Counter)
+
+    def cache_line(self) -> str:
+        """E.g. ``models 1 hit / 1 miss (1 from disk), features 3 hits / 3 misses``."""
+        c = self.cache
+        return (f"cache: models {c['model_hit']} hits / {c['model_miss']} misses "
+                f"({c['model_disk']} of the misses loaded from disk), "
+                f"defended features {c['features_hit']} hits / {c['features_miss']} misses")
+
+
+@dataclass
+class CellResult:
+    """A computed cell, ready for ``ResultStore.write_cell``; ``cache`` counts this cell's cache use."""
+
+    key: str
+    config: dict[str, Any]
+    status: str
+    fields: dict[str, Any]
+    cache: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class Features:
+    """What the cells sharing (model, cut, defense, seed, images) share: the images, their defended
+    features and the defended split model's accuracy."""
+
+    truth: torch.Tensor
+    features: torch.Tensor
+    accuracy: float
 
 
 class Matrix:
-    """Runs the cells of an ExperimentConfig into a ResultStore, sharing datasets and trained models."""
+    """Runs the cells of an ExperimentConfig into a ResultStore, sharing datasets, trained models and
+    defended features between the cells that need the same ones (in this process)."""
 
     def __init__(self, config: ExperimentConfig, cache_dir: str | None = None, progress: bool = True):
         self.config = config
@@ -48,9 +88,20 @@ class Matrix:
         self._data: dict[str, Dataset] = {}
         self._models: dict[str, TrainedModel] = {}
         self._fitted: dict[str, tuple[defenses.Defense, torch.nn.Module]] = {}
+        self._features: dict[str, Features] = {}
+        self.cache_stats: Counter = Counter()
 
     def cells(self) -> list[Cell]:
         return self.config.cells()
+
+    @property
+    def config_key(self) -> str:
+        """The hash of the config this Matrix runs (workers keep one Matrix per config)."""
+        return config_hash({"name": self.config.name, "raw": self.config.raw})
+
+    def for_workers(self) -> "Matrix":
+        """A copy with empty caches and no progress bars, cheap to send to another process."""
+        return Matrix(self.config, cache_dir=self.cache_dir, progress=False)
 
     def dataset(self, cell: Cell) -> Dataset:
         key = repr((cell["dataset"]["name"], sorted(cell["dataset"]["params"].items())))
@@ -59,10 +110,15 @@ class Matrix:
         return self._data[key]
 
     def trained(self, cell: Cell) -> TrainedModel:
+        """The cell's trained model: from this process's cache, else the disk cache, else trained now."""
         config = cell.train_config()
-        if config.key() not in self._models:
+        if config.key() in self._models:
+            self.cache_stats["model_hit"] += 1
+        else:
             self._models[config.key()] = train(config, self.cache_dir, data=self.dataset(cell),
                                                progress=self.progress)
+            self.cache_stats["model_miss"] += 1
+            self.cache_stats["model_disk"] += int(self._models[config.key()].from_cache)
         return self._models[config.key()]
 
     def defense(self, cell: Cell, trained: TrainedModel, client: torch.nn.Module,
@@ -91,35 +147,73 @@ class Matrix:
         fresh._generator = None
         return fresh, server
 
-    def run(self, store: ResultStore) -> RunSummary:
+    @staticmethod
+    def features_key(cell: Cell) -> str:
+        """The cell minus its attack: cells with equal keys have the same defended features."""
+        return config_hash({k: v for k, v in cell.config.items() if k != "attack"})
+
+    def features(self, cell: Cell, client: torch.nn.Module, server: torch.nn.Module,
+                 defense: defenses.Defense) -> Features:
+        """The defended features of the cell's images and the defended model's accuracy, computed once
+        per ``features_key`` in this process. ``defense`` is consumed (its random stream advances)."""
+        key = self.features_key(cell)
+        if key in self._features:
+            self.cache_stats["features_hit"] += 1
+            return self._features[key]
+        self.cache_stats["features_miss"] += 1
+        truth = self.dataset(cell).x_test[: cell["evaluation"]["num_images"]]
+        with torch.no_grad():
+            features = defense(client(truth))
+        if not torch.isfinite(features).all():
+            raise NonFiniteFeatures("the defended features contain NaN or infinity")
+        data = self.dataset(cell)
+        utility = accuracy(SplitModel(client, server, defense), data.x_test, data.y_test)
+        self._features[key] = Features(truth, features, utility)
+        return self._features[key]
+
+    def run(self, store: ResultStore, executor: "Executor | None" = None) -> RunSummary:
+        """Compute every cell the store does not have as done or not applicable, and store each one as
+        it arrives; a killed run loses at most the cells in flight."""
+        from evaluation.executors import Sequential
+
+        executor = executor or Sequential()
         cells = self.cells()
-        run_id = store.start_run(self.config.raw, provenance.collect())
+        run_id = store.start_run(self.config.raw, {**provenance.collect(), "executor": executor.describe()})
         summary = RunSummary(run_id)
-        bar = tqdm(cells, desc=f"cells of {self.config.name}", unit="cell", disable=not self.progress)
-        for cell in bar:
-            bar.set_postfix_str(cell.label(), refresh=False)
+        pending = []
+        for cell in cells:
             if store.status(cell.key) in ("done", "not_applicable"):
                 summary.skipped += 1
-                continue
-            status = self.run_cell(cell, store, run_id)
-            setattr(summary, status, getattr(summary, status) + 1)
+            else:
+                pending.append(cell)
+        for result in executor.map(self, pending):
+            store.write_cell(result.key, run_id, result.config, result.status, **result.fields)
+            setattr(summary, result.status, getattr(summary, result.status) + 1)
+            summary.cache.update(result.cache)
         store.finish_run(run_id)
         return summary
 
     def run_cell(self, cell: Cell, store: ResultStore, run_id: str) -> str:
-        """Run one cell and store it; returns its status. Never raises for a failure inside the cell."""
+        """Compute one cell and store it; returns its status. Never raises for a failure inside the cell."""
+        result = self.compute_cell(cell)
+        store.write_cell(result.key, run_id, result.config, result.status, **result.fields)
+        return result.status
+
+    def compute_cell(self, cell: Cell) -> CellResult:
+        """Compute one cell without touching any store. Never raises for a failure inside the cell: it
+        comes back as a ``failed`` result carrying the error and its traceback."""
+        before = Counter(self.cache_stats)
         start = time.perf_counter()
         try:
-            result = self._compute(cell)
+            fields = self._compute(cell)
+            status = fields.pop("status")
         except Exception as exc:  # one failing cell must not stop the others
-            store.write_cell(cell.key, run_id, cell.config, "failed",
-                             reason=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}",
-                             wall_time_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
-            return "failed"
-        status = result.pop("status")
-        store.write_cell(cell.key, run_id, cell.config, status,
-                         wall_time_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), **result)
-        return status
+            status = "failed"
+            fields = {"reason": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"}
+        fields.update(wall_time_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
+        used = Counter(self.cache_stats)
+        used.subtract(before)
+        return CellResult(cell.key, cell.config, status, fields, +used)
 
     def _compute(self, cell: Cell) -> dict[str, Any]:
         seed = cell["seed"]
@@ -136,16 +230,15 @@ class Matrix:
         if not ok:
             return {"status": "not_applicable", "reason": reason, "guarantee": defense.guarantee()}
 
-        truth = data.x_test[: cell["evaluation"]["num_images"]]
-        with torch.no_grad():
-            features = defense(client(truth))
-        if not torch.isfinite(features).all():
-            raise NonFiniteFeatures("the defended features contain NaN or infinity")
-        utility = accuracy(SplitModel(client, server, defense), data.x_test, data.y_test)
-
-        recon = attack.reconstruct(client, features, image_shape=data.shape, defense=defense, truth=truth)
-        per_image = image_metrics(recon.images, truth)
-        return {"status": "done", "accuracy": utility, "per_image": per_image,
+        shared = self.features(cell, client, server, defense)
+        # The attack sees a defense whose random stream starts at the seed and the same global RNG state
+        # whether or not the features came from the cache, so a row does not depend on cell order.
+        defense, server = self.defense(cell, trained, client, server)
+        torch.manual_seed(seed)
+        recon = attack.reconstruct(client, shared.features, image_shape=data.shape, defense=defense,
+                                   truth=shared.truth)
+        per_image = image_metrics(recon.images, shared.truth)
+        return {"status": "done", "accuracy": shared.accuracy, "per_image": per_image,
                 "summary": {m: summarize(v, seed=seed) for m, v in per_image.items()},
                 "reconstruction": recon.images, "guarantee": defense.guarantee(),
                 "diagnostics": {"attack": recon.diagnostics, "defense": defense.report,
