@@ -9,12 +9,9 @@ from splitnn.registry import Registry
 _registry: Registry[Attack] = Registry("attack")
 
 
-def register(name: str) -> Callable[[type[Attack]], type[Attack]]:
-    def decorate(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
-        _registry.register(name)(cls)
-        return cls
-    return decorate
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make the attack available as ``get(name, ...)``."""
+    return _registry.register_class(name)
 
 
 def get(name: str, **params: Any) -> Attack:

@@ -9,12 +9,9 @@ from splitnn.registry import Registry
 _registry: Registry[Defense] = Registry("defense")
 
 
-def register(name: str) -> Callable[[type[Defense]], type[Defense]]:
-    def decorate(cls: type[Defense]) -> type[Defense]:
-        cls.name = name
-        _registry.register(name)(cls)
-        return cls
-    return decorate
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make the defense available as ``get(name, ...)``."""
+    return _registry.register_class(name)
 
 
 def get(name: str, **params: Any) -> Defense:

@@ -23,6 +23,14 @@ class Registry(Generic[T]):
             return factory
         return decorate
 
+    def register_class(self, name: str) -> Callable[[type], type]:
+        """Class decorator: register ``cls`` under ``name`` and set ``cls.name`` to it."""
+        def decorate(cls: type) -> type:
+            cls.name = name
+            self.register(name)(cls)
+            return cls
+        return decorate
+
     def factory(self, name: str) -> Callable[..., T]:
         if name not in self._factories:
             raise ParameterError("name", name, f"a known {self.what}: " + ", ".join(sorted(self._factories)))

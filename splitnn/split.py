@@ -15,8 +15,7 @@ from splitnn.errors import ParameterError
 from splitnn import zoo
 
 #: Module classes traced as one node each (their internals never straddle a cut).
-BLOCK_TYPES: tuple[type[nn.Module], ...] = (zoo.BasicBlock, zoo.Bottleneck, zoo.IRBlock, tv_resnet.BasicBlock,
-                                            tv_resnet.Bottleneck)
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (zoo.ResidualBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
 
 
 class _BlockTracer(fx.Tracer):

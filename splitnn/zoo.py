@@ -23,14 +23,38 @@ def _norm(kind: str, channels: int) -> nn.Module | None:
     return nn.BatchNorm2d(channels) if kind == "batch" else None
 
 
-class BasicBlock(nn.Module):
+def _shortcut_conv(in_planes: int, out_planes: int, stride: int, norm: str) -> nn.Sequential:
+    """The projection shortcut: a 1x1 conv (with ``stride``), followed by the norm unless there is none."""
+    layers: list[nn.Module] = [nn.Conv2d(in_planes, out_planes, 1, stride, bias=norm == "none")]
+    if norm != "none":
+        layers.append(nn.BatchNorm2d(out_planes))
+    return nn.Sequential(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """``shortcut(x) + residual(x)``, then ReLU when ``post_relu``; subclasses define the branch."""
+
+    expansion = 1
+    downsample: nn.Module | None
+    post_relu: bool
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shortcut(x) + self.residual(x)
+        return self.relu(out) if self.post_relu else out
+
+
+class BasicBlock(ResidualBlock):
     """x -> conv3x3-norm-ReLU-conv3x3-norm, plus the shortcut, then ReLU (``post_relu``) or nothing.
 
     ``post_relu=False`` with ``norm="none"`` is the block the PEEL authors inverted.
     The shortcut is the identity, or a 1x1 conv (+norm) when the shape changes.
     """
-
-    expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch",
                  post_relu: bool = True):
@@ -42,12 +66,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=use_bias)
         self.bn2 = _norm(norm, planes)
         self.post_relu = post_relu
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            layers: list[nn.Module] = [nn.Conv2d(in_planes, planes, 1, stride, bias=use_bias)]
-            if norm != "none":
-                layers.append(nn.BatchNorm2d(planes))
-            self.downsample = nn.Sequential(*layers)
+        self.downsample = _shortcut_conv(in_planes, planes, stride, norm) \
+            if stride != 1 or in_planes != planes else None
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch W2·ReLU(W1·x), without the shortcut."""
@@ -60,15 +80,7 @@ class BasicBlock(nn.Module):
             out = self.bn2(out)
         return out
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shortcut(x) + self.residual(x)
-        return self.relu(out) if self.post_relu else out
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """x -> 1x1 conv-norm-ReLU-3x3 conv (stride)-norm-ReLU-1x1 conv-norm (4x wider), plus the shortcut, then ReLU."""
 
     expansion = 4
@@ -86,12 +98,8 @@ class Bottleneck(nn.Module):
         self.bn3 = _norm(norm, out_planes)
         self.relu = nn.ReLU()
         self.post_relu = post_relu
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_planes != out_planes:
-            layers: list[nn.Module] = [nn.Conv2d(in_planes, out_planes, 1, stride, bias=use_bias)]
-            if norm != "none":
-                layers.append(nn.BatchNorm2d(out_planes))
-            self.downsample = nn.Sequential(*layers)
+        self.downsample = _shortcut_conv(in_planes, out_planes, stride, norm) \
+            if stride != 1 or in_planes != out_planes else None
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -104,22 +112,12 @@ class Bottleneck(nn.Module):
                 out = self.relu(out)
         return out
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shortcut(x) + self.residual(x)
-        return self.relu(out) if self.post_relu else out
-
-
-class IRBlock(nn.Module):
+class IRBlock(ResidualBlock):
     """The face-recognition IR block: BN-conv3x3-PReLU-conv3x3(stride)-BN, plus the shortcut, no activation after.
 
     The shortcut is the identity, a subsampling ``MaxPool2d(1, stride)`` when only the
     resolution changes, or a 1x1 conv (+norm) when the width changes.
     """
-
-    expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch", post_relu: bool = False):
         super().__init__()
@@ -133,10 +131,7 @@ class IRBlock(nn.Module):
         self.relu = nn.ReLU()
         self.downsample: nn.Module | None = None
         if in_planes != planes:
-            layers: list[nn.Module] = [nn.Conv2d(in_planes, planes, 1, stride, bias=use_bias)]
-            if norm != "none":
-                layers.append(nn.BatchNorm2d(planes))
-            self.downsample = nn.Sequential(*layers)
+            self.downsample = _shortcut_conv(in_planes, planes, stride, norm)
         elif stride != 1:
             self.downsample = nn.MaxPool2d(1, stride)
 
@@ -145,14 +140,6 @@ class IRBlock(nn.Module):
         out = self.prelu(self.conv1(out))
         out = self.conv2(out)
         return self.bn2(out) if self.bn2 is not None else out
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shortcut(x) + self.residual(x)
-        return self.relu(out) if self.post_relu else out
-
 
 class IRNet(nn.Module):
     """IR-style face backbone: conv3x3-BN-PReLU stem, stages of IRBlocks (each starts with stride 2),
