@@ -24,6 +24,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from evaluation.config import load_config
+    from evaluation.executors import from_option
     from evaluation.outputs import write_outputs
     from evaluation.runner import Matrix
     from evaluation.store import ResultStore
@@ -32,17 +33,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / config.name
     start = time.perf_counter()
     matrix = Matrix(config, cache_dir=args.cache_dir, progress=not args.quiet)
+    executor = from_option(args.dask, args.workers)
     with ResultStore(out / "results.sqlite") as store:
-        summary = matrix.run(store)
+        summary = matrix.run(store, executor)
         paths = write_outputs(store, matrix, out)
     elapsed = time.perf_counter() - start
     print(paths["table_text"])
     print(f"\n{summary.done} done, {summary.skipped} already done, {summary.failed} failed, "
-          f"{summary.not_applicable} not applicable in {elapsed:.1f} s")
+          f"{summary.not_applicable} not applicable in {elapsed:.1f} s ({executor.describe()})")
+    print(summary.cache_line())
     for name, path in paths.items():
         if name != "table_text":
             print(f"{name}: {path}")
     return 1 if summary.failed else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evaluation.export import export
+
+    try:
+        paths = export(args.results, args.format, args.out)
+    except RuntimeError as exc:
+        print(f"leakbench: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
 
 
 def defense_rows() -> list[dict[str, str]]:
@@ -87,7 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", help="where trained models are cached (default: $LEAKBENCH_CACHE "
                                          "or ~/.cache/leakbench)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dask", metavar="local|ADDRESS",
+                     help="compute cells on Dask: 'local' starts a LocalCluster on this machine, anything else is "
+                          "a scheduler address (e.g. tcp://host:8786); default: sequentially in this process")
+    run.add_argument("--workers", type=int, default=2, help="workers of --dask local (1 thread each; default 2)")
     run.set_defaults(func=_cmd_run)
+    export = sub.add_parser("export", help="write the cells and per-image rows of a result store as CSV or Parquet")
+    export.add_argument("results", help="a results directory (leakbench run --out) or its results.sqlite")
+    export.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    export.add_argument("--out", help="base path: writes OUT.<format> and OUT_images.<format> "
+                                      "(default: cells.<format> beside the store)")
+    export.set_defaults(func=_cmd_export)
     validate = sub.add_parser("validate", help="check a config and list the cells it would run")
     validate.add_argument("config")
     validate.set_defaults(func=_cmd_validate)

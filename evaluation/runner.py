@@ -100,8 +100,8 @@ class Matrix:
         return config_hash({"name": self.config.name, "raw": self.config.raw})
 
     def for_workers(self) -> "Matrix":
-        """A copy with empty caches and no progress bars, cheap to send to another process."""
-        return Matrix(self.config, cache_dir=self.cache_dir, progress=False)
+        """A copy (of the same class) with empty caches and no progress bars, cheap to send to a worker."""
+        return type(self)(self.config, cache_dir=self.cache_dir, progress=False)
 
     def dataset(self, cell: Cell) -> Dataset:
         key = repr((cell["dataset"]["name"], sorted(cell["dataset"]["params"].items())))
