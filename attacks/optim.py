@@ -30,18 +30,31 @@ def project(x: torch.Tensor, lower: float | None, upper: float | None) -> torch.
     return x.clamp(min=lower, max=upper) if lower is not None or upper is not None else x
 
 
-def relu_consistency(pre_activation: Forward, target: torch.Tensor, zero_tol: float = 1e-5
-                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+def relu_active(target: torch.Tensor, zero_tol: float = 1e-5) -> torch.Tensor:
+    """Entries of a post-ReLU target that are positive; those below ``zero_tol · max|y|`` (per sample) count
+    as zeros, since a target recovered by an earlier solve (or sent in float32) has tiny positive values
+    where the true activation was exactly zero."""
+    scale = target.flatten(1).abs().amax(dim=1).view(-1, *([1] * (target.dim() - 1)))
+    return target > zero_tol * scale  # per sample, so samples stay independent
+
+
+def relu_violation(pre_activation: Forward, x: torch.Tensor, target: torch.Tensor) -> float:
+    """How far ``x`` breaks the post-ReLU zeros: ||max(z, 0)|| over the entries where ``y`` is zero, relative
+    to ||y||."""
+    with torch.no_grad():
+        z = pre_activation(x)
+        broken = torch.where(relu_active(target), torch.zeros_like(z), z.clamp_min(0))
+        return float(broken.norm() / target.norm().clamp_min(1e-30))
+
+
+def relu_consistency(pre_activation: Forward, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``0.5·||ReLU(z(x)) - y||²`` written so that it stays smooth where the solution lies.
 
     Where ``y > 0`` the pre-activation must equal ``y`` (a plain square, which keeps its
-    gradient even while ``z < 0``); where ``y == 0`` it only has to be ``<= 0`` (a one-sided
-    square, i.e. the post-ReLU zeros as inequality constraints). Entries below
-    ``zero_tol · max|y|`` (per sample) count as zeros: a target recovered by an earlier solve (or sent in
-    float32) has tiny positive values where the true activation was exactly zero.
+    gradient even while ``z < 0``); where ``y == 0`` (see ``relu_active``) it only has to be
+    ``<= 0`` (a one-sided square, i.e. the post-ReLU zeros as inequality constraints).
     """
-    scale = target.flatten(1).abs().amax(dim=1).view(-1, *([1] * (target.dim() - 1)))
-    active = target > zero_tol * scale  # per sample, so samples stay independent
+    active = relu_active(target)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         z = pre_activation(x)

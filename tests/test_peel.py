@@ -44,7 +44,7 @@ def test_standard_block_recovered_input_reproduces_the_output():
     with torch.no_grad():
         assert _rel(block(x_hat), y) < 1e-3
     assert float(x_hat.min()) >= 0.0  # the ReLU before the block bounds its input
-    assert diag["residual"] < 1e-3
+    assert diag["residual"] < 1e-3 and diag["constraint_violation"] < 1e-3
 
 
 def test_stride2_block_with_conv_shortcut_reproduces_the_output():

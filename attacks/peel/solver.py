@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.optim import fit_input, project, relative_residual, relu_consistency
+from attacks.optim import fit_input, project, relative_residual, relu_consistency, relu_violation
 from attacks.peel.stages import Stage, _block, shortcut_start
 
 
@@ -76,9 +76,11 @@ def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, u
         regulariser = lambda v: 0.5 * weight * (v - anchor).pow(2).sum()  # noqa: E731
     fit = fit_input(stage.forward, y, x, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
                     regulariser=regulariser)
+    violation = relu_violation(stage.pre_relu, fit.x, y) if stage.pre_relu is not None else 0.0
     return fit.x, {"stage": stage.name, "kind": stage.description[0] if stage.kind == "block" else "layers",
                    "fixed_point_iterations": fp_iters, "lbfgs_iterations": fit.iterations,
-                   "residual": fit.residual, "seconds": time.perf_counter() - start}
+                   "residual": fit.residual, "constraint_violation": violation,
+                   "seconds": time.perf_counter() - start}
 
 
 def invert_block(block: nn.Module, y: torch.Tensor, *, input_shape: tuple[int, ...] | None = None,
