@@ -16,7 +16,7 @@ import torchvision.models.resnet as tv_resnet
 from torch import nn
 
 from splitnn import zoo
-from splitnn.split import client_modules
+from splitnn.split import BLOCK_TYPES, client_modules
 
 
 class UnsupportedLayerError(ValueError):
@@ -192,7 +192,8 @@ def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
                  shortcut_kind=shortcut_kind, post_relu=post_relu, description=[kind])
 
 
-BLOCKS = (zoo.BasicBlock, zoo.Bottleneck, zoo.IRBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+#: Whatever ``split`` keeps as one node is a block here (``_branch`` says which of them PEEL can invert).
+BLOCKS = BLOCK_TYPES
 
 
 def build_stages(client: nn.Module, dtype: torch.dtype = torch.float64) -> list[Stage]:
