@@ -12,13 +12,15 @@ import yaml
 import attacks
 import defenses
 from splitnn import datasets, zoo
-from splitnn.errors import ParameterError, check_number
+from splitnn.errors import ParameterError, check_bool, check_choice, check_number
 from splitnn.split import valid_cuts
 from splitnn.training import TrainConfig, config_hash
 
 TOP_LEVEL_KEYS = {"name", "seed", "dataset", "model", "train", "cut", "defenses", "attacks", "evaluation"}
 TRAIN_KEYS = {"epochs", "lr", "batch_size", "weight_decay"}
-EVALUATION_KEYS = {"num_images"}
+EVALUATION_KEYS = {"num_images", "classifier", "lpips_weights", "lpips_net"}
+#: What ``evaluation:`` resolves to when a key is left out (the classifier metrics are on; LPIPS needs weights).
+EVALUATION_DEFAULTS = {"num_images": 16, "classifier": True, "lpips_weights": None, "lpips_net": "alex"}
 
 
 class ConfigError(ParameterError):
@@ -151,9 +153,9 @@ class ExperimentConfig:
         self.dataset = _named(raw["dataset"], "dataset")
         self.model = _named(raw["model"], "model")
         self.train = self._section(raw.get("train") or {}, "train", TRAIN_KEYS)
-        self.evaluation = {"num_images": 16, **self._section(raw.get("evaluation") or {}, "evaluation",
-                                                              EVALUATION_KEYS)}
-        check_number("evaluation.num_images", self.evaluation["num_images"], low=1, integer=True)
+        self.evaluation = {**EVALUATION_DEFAULTS, **self._section(raw.get("evaluation") or {}, "evaluation",
+                                                                   EVALUATION_KEYS)}
+        self._validate_evaluation()
         self.cuts = _as_list(raw["cut"], "cut")
         self.defenses = [v for i, d in enumerate(_as_list(raw["defenses"], "defenses"))
                          for v in _zipped(d, f"defenses[{i}]")]
@@ -169,6 +171,23 @@ class ExperimentConfig:
             if k not in known:
                 raise ConfigError(f"{key}.{k}", value[k], "no such key; known keys: " + ", ".join(sorted(known)))
         return dict(value)
+
+    def _validate_evaluation(self) -> None:
+        """Check ``evaluation:``; LPIPS weights are loaded once now, so a wrong file fails before any work."""
+        from evaluation.perceptual import BACKBONES, LPIPS
+
+        ev = self.evaluation
+        check_number("evaluation.num_images", ev["num_images"], low=1, integer=True)
+        try:
+            check_bool("classifier", ev["classifier"])
+            if ev["lpips_weights"] is not None:
+                if not isinstance(ev["lpips_weights"], str):
+                    raise ParameterError("lpips_weights", ev["lpips_weights"], "a path to a local file, or null")
+                LPIPS(ev["lpips_weights"], ev["lpips_net"])
+            else:
+                check_choice("lpips_net", ev["lpips_net"], tuple(BACKBONES))
+        except ParameterError as exc:
+            raise ConfigError(f"evaluation.{exc.key}", exc.value, exc.expected) from None
 
     def _validate(self) -> None:
         """Build everything once (cheaply) so every bad key fails now; resolve defaults into the config

@@ -12,10 +12,14 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from splitnn.training import accuracy
 
-#: Privacy metrics computed for every reconstructed image, and whether higher means more leakage.
-IMAGE_METRICS: dict[str, bool] = {"mse": False, "psnr": True, "ssim": True}
+#: Pixel metrics computed for every reconstructed image, and whether higher means more leakage.
+PIXEL_METRICS: dict[str, bool] = {"mse": False, "psnr": True, "ssim": True}
+#: Every per-image privacy metric a cell may store (pixel, evaluation classifier, LPIPS when its weights are
+#: given), and whether higher means more leakage; tables and figures read directions from here.
+IMAGE_METRICS: dict[str, bool] = {**PIXEL_METRICS, "attack_top1": True, "attack_top5": True,
+                                  "knn_distance": False, "lpips": False}
 
-__all__ = ["IMAGE_METRICS", "image_metrics", "summarize", "accuracy"]
+__all__ = ["IMAGE_METRICS", "PIXEL_METRICS", "image_metrics", "summarize", "accuracy"]
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import attacks
 import defenses
 from evaluation import provenance
 from evaluation.config import Cell, ExperimentConfig
+from evaluation.evaluators import Evaluators
 from evaluation.metrics import accuracy, image_metrics, summarize
 from evaluation.store import ResultStore
 from splitnn import datasets
@@ -90,6 +91,7 @@ class Matrix:
         self._fitted: dict[str, tuple[defenses.Defense, torch.nn.Module]] = {}
         self._features: dict[str, Features] = {}
         self.cache_stats: Counter = Counter()
+        self.evaluators = Evaluators(cache_dir, progress)  # the evaluation classifier, LPIPS
 
     def cells(self) -> list[Cell]:
         return self.config.cells()
@@ -238,10 +240,12 @@ class Matrix:
         recon = attack.reconstruct(client, shared.features, image_shape=data.shape, defense=defense,
                                    truth=shared.truth)
         per_image = image_metrics(recon.images, shared.truth)
+        judged, evaluation_note = self.evaluators.metrics(cell, data, recon.images, shared.truth)
+        per_image.update(judged)
         return {"status": "done", "accuracy": shared.accuracy, "per_image": per_image,
                 "summary": {m: summarize(v, seed=seed) for m, v in per_image.items()},
                 "reconstruction": recon.images, "guarantee": defense.guarantee(),
-                "diagnostics": {"attack": recon.diagnostics, "defense": defense.report,
+                "diagnostics": {"attack": recon.diagnostics, "defense": defense.report, "evaluation": evaluation_note,
                                 "model": {"test_accuracy_undefended": trained.test_accuracy,
                                           "from_cache": trained.from_cache, "checkpoint": str(trained.path)}}}
 

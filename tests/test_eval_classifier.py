@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+import torchvision
+
+from evaluation import Matrix, ResultStore, load_config
+from evaluation.config import ConfigError
+from evaluation.eval_classifier import evaluation_architecture, get_evaluation_classifier
+from evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
+from splitnn import datasets
+from splitnn.errors import ParameterError
+from test_cli import GOOD, _write  # the tiny two-cell config (ResNet-20 on digits, rMLE, 2 images)
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return datasets.get("digits", size=16)
+
+
+@pytest.fixture(scope="module")
+def judge(digits16, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("judge_cache")
+    return get_evaluation_classifier(digits16, str(cache), target_model="resnet20",
+                                     train_params={"epochs": 3, "batch_size": 64})
+
+
+def test_architecture_differs_from_the_target():
+    for target in ("resnet20", "resnet32", "resnet56", None):
+        assert evaluation_architecture(target) != target
+    with pytest.raises(ValueError, match="differ"):
+        get_evaluation_classifier(datasets.get("digits", size=16), target_model="resnet32", model="resnet32")
+
+
+def test_recognises_true_images_and_not_noise(judge, digits16):
+    m = judge.classifier_metrics(digits16.x_test, digits16.y_test)
+    assert sum(m["attack_top1"]) / len(digits16.y_test) > 0.7  # chance is 0.1
+    assert all(t5 >= t1 for t1, t5 in zip(m["attack_top1"], m["attack_top5"]))
+    noise = torch.rand(300, *digits16.shape, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(2))
+    top1 = judge.classifier_metrics(noise, labels)["attack_top1"]
+    assert sum(top1) / 300 < 0.25
+    # noise lies farther from its claimed class's training images than true test images from theirs
+    knn_noise = judge.classifier_metrics(noise, labels)["knn_distance"]
+    assert sum(knn_noise) / 300 > 2 * sum(m["knn_distance"]) / len(m["knn_distance"])
+
+
+def test_knn_distance_of_a_training_image_is_zero(judge, digits16):
+    m = judge.classifier_metrics(digits16.x_train[:5], digits16.y_train[:5])
+    assert m["knn_distance"] == pytest.approx([0.0] * 5, abs=1e-6)
+    assert judge.embed(digits16.x_train[:5]).shape == (5, 64)  # ResNet-32's penultimate width
+    assert judge.logits(digits16.x_train[:5]).shape == (5, 10)
+
+
+def test_is_trained_once_then_loaded_from_the_checkpoint_cache(digits16, tmp_path):
+    params = {"epochs": 1, "batch_size": 128}
+    first = get_evaluation_classifier(digits16, str(tmp_path), "resnet32", train_params=params)
+    checkpoints = list((tmp_path / "models").glob("*.pt"))
+    second = get_evaluation_classifier(digits16, str(tmp_path), "resnet32", train_params=params)
+    assert len(checkpoints) == 1 and list((tmp_path / "models").glob("*.pt")) == checkpoints
+    x = digits16.x_test[:4]
+    assert torch.equal(first.logits(x), second.logits(x))
+
+
+def test_rejects_labels_out_of_range(judge, digits16):
+    with pytest.raises(ValueError, match="labels"):
+        judge.classifier_metrics(digits16.x_test[:2], torch.tensor([0, 10]))
+
+
+def test_matrix_stores_classifier_metrics_and_why_lpips_is_missing(tmp_path):
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        Matrix(load_config(_write(tmp_path, GOOD)), progress=False).run(store)
+        images, cells = store.images(), store.cells()
+    assert {"attack_top1", "attack_top5", "knn_distance"} <= set(images.columns) and "lpips" not in images
+    assert images.attack_top1.isin([0.0, 1.0]).all() and (images.knn_distance >= 0).all()
+    assert cells.attack_top1.between(0, 1).all() and cells.attack_top1_ci_low.notna().all()
+    note = json.loads(cells.diagnostics_json[0])["evaluation"]
+    assert note["unavailable"]["lpips"] == LPIPS_UNAVAILABLE and note["classifier"]["model"] == "resnet32"
+
+
+def test_classifier_metrics_can_be_turned_off(tmp_path):
+    config = load_config(_write(tmp_path, GOOD.replace("{num_images: 2}", "{num_images: 2, classifier: false}")))
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        Matrix(config, progress=False).run(store)
+        assert "attack_top1" not in store.images().columns
+
+
+@pytest.mark.parametrize("evaluation, key", [
+    ("{classifier: yes please}", "evaluation.classifier"),
+    ("{lpips_weights: /no/such/file.pth}", "evaluation.lpips_weights"),
+    ("{lpips_weights: 3}", "evaluation.lpips_weights"),
+    ("{lpips_net: resnet}", "evaluation.lpips_net"),
+    ("{lpip_weights: x}", "evaluation.lpip_weights"),
+])
+def test_bad_evaluation_keys_are_named(tmp_path, evaluation, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, GOOD.replace("{num_images: 2}", evaluation)))
+    assert info.value.key == key
+
+
+@pytest.fixture(scope="module")
+def squeeze_weights(tmp_path_factory):
+    """A torchvision SqueezeNet 1.1 state dict (random weights: the real ones cannot be downloaded here)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "squeezenet1_1.pth"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), path)
+    return path
+
+
+def test_lpips_reads_the_local_backbone_weights(squeeze_weights):
+    metric = LPIPS(squeeze_weights, "squeeze")
+    saved = torch.load(squeeze_weights, weights_only=True)
+    first_conv = dict(metric.net.net.slices[0].named_children())["0"]  # torchvision features[0]
+    assert torch.equal(first_conv.weight, saved["features.0.weight"])
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert metric(x, x) == pytest.approx([0.0] * 3, abs=1e-6)
+    far = metric(1 - x, x)
+    near = metric((x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1), x)
+    assert all(n < f for n, f in zip(near, far)) and min(near) > 0
+    assert len(metric(x[:, :1], x[:, :1])) == 3  # grey images are repeated to RGB
+
+
+def test_lpips_rejects_a_state_dict_of_another_backbone(squeeze_weights):
+    with pytest.raises(ParameterError, match="alexnet"):
+        LPIPS(squeeze_weights, "alex")
+
+
+def test_lpips_in_the_matrix_from_a_config_path(tmp_path, squeeze_weights):
+    text = GOOD.replace("{num_images: 2}", f"{{num_images: 2, lpips_weights: {squeeze_weights}, "
+                                           "lpips_net: squeeze, classifier: false}")
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        Matrix(load_config(_write(tmp_path, text)), progress=False).run(store)
+        images = store.images()
+    assert images.lpips.notna().all() and (images.lpips > 0).all()
