@@ -17,11 +17,12 @@ def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | N
 
     With a ReLU after the addition, entries with ``y > 0`` follow the same update; entries with
     ``y == 0`` only know ``x + r(x) <= 0``, so they move down to ``-r(x)`` if they violate it.
-    The returned iterate is the one with the smallest forward residual seen.
+    The returned iterate is the one with the smallest forward residual seen; the iteration stops once
+    that residual has not improved for 20 iterations (it does not contract there).
     """
     assert stage.residual is not None
     best, best_res = x, relative_residual(stage.forward, x, y)
-    done = 0
+    done = best_at = 0
     with torch.no_grad():
         for done in range(1, iterations + 1):
             r = stage.residual(x)
@@ -34,7 +35,9 @@ def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | N
             if done % 10 == 0 or step < tol:
                 res = relative_residual(stage.forward, x, y)
                 if res < best_res:
-                    best, best_res = x, res
+                    best, best_res, best_at = x, res, done
+                elif done - best_at >= 20:
+                    break
             if step < tol:
                 break
     return best, done
@@ -59,21 +62,20 @@ def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, u
                  ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Find ``x`` within the bounds with ``stage.forward(x) ≈ y``; returns it and the stage's diagnostics.
 
-    ``prior_weight > 0`` adds ``prior_weight·||x - x0||²`` (relative to ``||x0||²``, scaled like the data
-    term), x0 being the warm start: where the block drops information (a ReLU's zeros, a stride)
-    it picks the solution nearest the warm start instead of any exact fit.
+    ``prior_weight > 0`` is a least-norm prior on blocks with a ReLU after the addition: it adds
+    ``0.5·prior_weight·||x||²`` to the data term ``0.5·||f(x) - y||²`` (both relative to ``||y||²``). There the output's zeros leave directions of ``x`` undetermined, and the target itself is
+    only an estimate (recovered by the next block's solve), so an exact fit amplifies its error along
+    the chain; the prior picks the small (sparse, like a post-ReLU activation) solution instead.
     """
     start = time.perf_counter()
     x = warm_start(stage, y, lower, upper)
-    anchor = x.clone()
     fp_iters = 0
     if stage.identity_shortcut and fixed_point_iters > 0:
         x, fp_iters = fixed_point(stage, y, x, lower, upper, fixed_point_iters)
     data_loss = relu_consistency(stage.pre_relu, y) if stage.pre_relu is not None else None
     regulariser = None
-    if prior_weight > 0:
-        weight = prior_weight * float(y.pow(2).sum()) / max(float(anchor.pow(2).sum()), 1e-30)
-        regulariser = lambda v: 0.5 * weight * (v - anchor).pow(2).sum()  # noqa: E731
+    if prior_weight > 0 and stage.post_relu:
+        regulariser = lambda v: 0.5 * prior_weight * v.pow(2).sum()  # noqa: E731
     fit = fit_input(stage.forward, y, x, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
                     regulariser=regulariser)
     violation = relu_violation(stage.pre_relu, fit.x, y) if stage.pre_relu is not None else 0.0
