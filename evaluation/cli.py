@@ -61,6 +61,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import write_report
+
+    try:
+        paths = write_report(args.results)
+    except RuntimeError as exc:
+        print(f"leakbench: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def defense_rows() -> list[dict[str, str]]:
     """One row per registered defense: name, kind, parameters with defaults, guarantee type, summary."""
     import inspect
@@ -114,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="base path: writes OUT.<format> and OUT_images.<format> "
                                       "(default: cells.<format> beside the store)")
     export.set_defaults(func=_cmd_export)
+    report = sub.add_parser("report", help="write report.html (self-contained), table.tex and the figures (PNG, PDF) "
+                                           "of a results directory")
+    report.add_argument("results", help="a results directory (leakbench run --out) or its results.sqlite")
+    report.set_defaults(func=_cmd_report)
     validate = sub.add_parser("validate", help="check a config and list the cells it would run")
     validate.add_argument("config")
     validate.set_defaults(func=_cmd_validate)

@@ -1,6 +1,9 @@
-"""Figures: the reconstruction grid (originals over each cell's reconstructions)."""
+"""Figures, each saved as PNG and PDF: the reconstruction grid (originals over each cell's reconstructions),
+privacy-utility curves, the defense x attack heatmap and PEEL's per-block error along the client's depth."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -8,7 +11,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+
+from evaluation.metrics import IMAGE_METRICS  # noqa: E402
+from evaluation.tables import format_params, matrix_table, variant_labels  # noqa: E402
+
+#: Axis titles of the metrics figures can plot.
+METRIC_TITLES = {"psnr": "PSNR (dB), higher = more leakage", "attack_top1": "attack top-1 accuracy",
+                 "attack_top5": "attack top-5 accuracy", "mse": "MSE", "ssim": "SSIM",
+                 "knn_distance": "KNN distance", "lpips": "LPIPS"}
 
 
 def _show(ax: plt.Axes, image: torch.Tensor) -> None:
@@ -35,3 +48,104 @@ def reconstruction_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save(fig: plt.Figure, stem: str | Path, dpi: int = 110) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` and close the figure; returns both paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _done(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The done cells that carry ``metric`` (old stores may lack the newer metrics)."""
+    if metric not in cells:
+        return cells.iloc[0:0]
+    return cells[(cells["status"] == "done") & cells[metric].notna() & cells["accuracy"].notna()]
+
+
+def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[Path]:
+    """Accuracy against ``metric`` (e.g. psnr, attack_top1), one panel per attack, one line per defense over
+    its strengths in config order, the metric's bootstrap 95% CI as horizontal error bars. Returns [] when no
+    done cell has the metric."""
+    done = _done(cells, metric)
+    if done.empty:
+        return []
+    done = done.assign(attack_label=variant_labels(done, "attack", "attack_params"))
+    attacks = list(dict.fromkeys(done["attack_label"]))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), squeeze=False, sharey=True)
+    for ax, attack in zip(axes[0], attacks):
+        here = done[done["attack_label"] == attack]
+        group = [k for k in ("cut", "seed") if cells[k].nunique() > 1]
+        for key, line in here.groupby(group + ["defense"], sort=False):
+            low = (line[metric] - line.get(f"{metric}_ci_low", line[metric])).clip(lower=0).fillna(0)
+            high = (line.get(f"{metric}_ci_high", line[metric]) - line[metric]).clip(lower=0).fillna(0)
+            label = " ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+            ax.errorbar(line[metric], line["accuracy"], xerr=[low, high], marker="o", capsize=3, label=label)
+            for x, y, params in zip(line[metric], line["accuracy"], line["defense_params"]):
+                if format_params(params):
+                    ax.annotate(format_params(params), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(attack)
+        ax.set_xlabel(METRIC_TITLES.get(metric, metric))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (defended split model)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"privacy-utility: accuracy against {metric}", fontsize=10)
+    return save(fig, stem)
+
+
+def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr") -> list[Path]:
+    """The defense x attack matrix of ``metric`` as a heatmap (red = more leakage), each entry annotated;
+    failed and not-applicable cells are grey with their status. Returns [] when the store lacks the metric."""
+    if metric not in cells:
+        return []
+    table = matrix_table(cells, {metric: metric})
+    columns = list(table.attrs["metrics"])
+    rows = [" ".join(str(r[k]) for k in ("cut", "seed", "defense", "strength") if k in table and str(r[k]))
+            for _, r in table.iterrows()]
+    values = table[columns].astype(float).to_numpy()
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 3, 0.5 * len(rows) + 1.5))
+    cmap = plt.get_cmap("Reds" if IMAGE_METRICS.get(metric, True) else "Reds_r").with_extremes(bad="0.85")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
+    for i in range(len(rows)):
+        for j, column in enumerate(columns):
+            state = table.attrs["status"].get((i, column))
+            text = f"{values[i, j]:.3g}" if not math.isnan(values[i, j]) else \
+                {"failed": "failed", "not_applicable": "n/a"}.get(state, "--")
+            dark = not math.isnan(values[i, j]) and image.norm(values[i, j]) > 0.6  # readable on dark red
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(columns)), [c.removesuffix(f": {metric}") for c in columns], rotation=20, ha="right")
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    fig.colorbar(image, ax=ax, label=METRIC_TITLES.get(metric, metric))
+    ax.set_title(f"{metric} per defense and attack")
+    return save(fig, stem)
+
+
+def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
+    """PEEL's relative error of each block's recovered input (``true_input_error``) along the client, input to
+    cut, one line per PEEL cell. Returns [] when no PEEL cell carries it (it needs the true images)."""
+    lines = []
+    for _, c in cells[(cells["attack"] == "peel") & (cells["status"] == "done")].iterrows():
+        stages = json.loads(c["diagnostics_json"] or "{}").get("attack", {}).get("stages", [])
+        if stages and all("true_input_error" in s for s in stages):
+            label = f"{c['cut']} {c['defense']} {format_params(c['defense_params'])}".strip()
+            lines.append((label, [s.get("stage", str(i)) for i, s in enumerate(stages)],
+                          [s["true_input_error"] for s in stages]))
+    if not lines:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, names, errors in lines:
+        ax.plot(range(len(errors)), errors, marker="o", label=label)
+    names = max((n for _, n, _ in lines), key=len)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("block (input side to the cut)")
+    ax.set_ylabel("relative error of the block's recovered input")
+    ax.set_title("PEEL: error along the depth of the client", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return save(fig, stem)

@@ -1,4 +1,5 @@
-"""The result table: one row per cell, utility and privacy side by side."""
+"""Tables of the results: one row per cell (utility and privacy side by side), and the defense x attack matrix
+in Markdown, LaTeX (booktabs) and HTML with the best defense per column marked."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import pandas as pd
 from evaluation.metrics import IMAGE_METRICS
 
 
-def _params(text: str) -> str:
+def format_params(text: str) -> str:
+    """JSON parameters as ``k=v, ...`` (empty for none)."""
     params = json.loads(text) if text else {}
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
@@ -29,7 +31,7 @@ def result_table(cells: pd.DataFrame) -> pd.DataFrame:
     95% CI."""
     rows = []
     for _, c in cells.iterrows():
-        row = {"cut": c["cut"], "defense": c["defense"], "defense params": _params(c["defense_params"]),
+        row = {"cut": c["cut"], "defense": c["defense"], "defense params": format_params(c["defense_params"]),
                "attack": c["attack"], "seed": c["seed"], "status": c["status"],
                "accuracy": c.get("accuracy"), "guarantee": _guarantee(c.get("guarantee_json"))}
         for metric in IMAGE_METRICS:
@@ -47,3 +49,136 @@ def to_markdown(cells: pd.DataFrame) -> str:
     """The result table as GitHub Markdown; failed and inapplicable cells keep their rows."""
     table = result_table(cells)
     return table.to_markdown(index=False, floatfmt=".4g")
+
+
+# -- the defense x attack matrix -----------------------------------------------------------------------
+
+#: The metrics shown per attack in the matrix table, with their column titles.
+MATRIX_METRICS: dict[str, str] = {"psnr": "PSNR (dB)", "attack_top1": "attack top-1"}
+#: A defense competes for "best" only if its accuracy is at most this far below the undefended model's.
+ACCURACY_TOLERANCE = 0.05
+#: Defense names that mean "no defense" (the reference row, never marked best).
+UNDEFENDED = ("none",)
+
+
+def _variant(name: str, params: str, multiple: bool) -> str:
+    """``name`` or ``name(k=v, ...)`` when the frame holds more than one parameter set of ``name``."""
+    text = format_params(params)
+    return f"{name}({text})" if multiple and text else name
+
+
+def variant_labels(cells: pd.DataFrame, name: str, params: str) -> pd.Series:
+    """Per row, the ``name`` column's value, with its parameters when the frame holds several sets of them."""
+    counts = cells.groupby(name)[params].nunique()
+    return pd.Series([_variant(n, p, counts[n] > 1) for n, p in zip(cells[name], cells[params])], index=cells.index)
+
+
+def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per defense (and strength; per cut and seed when there are several), its accuracy and guarantee,
+    then per attack the mean of each metric (NaN when the cell is not done or the store lacks the metric).
+
+    ``attrs["status"]`` maps (row, column) to ``failed`` / ``not_applicable`` for cells without a value."""
+    metrics = metrics or MATRIX_METRICS
+    cells = cells.copy()
+    cells["attack_label"] = variant_labels(cells, "attack", "attack_params")
+    keys = [k for k in ("cut", "seed") if cells[k].nunique() > 1] + ["defense", "strength"]
+    cells["strength"] = cells["defense_params"].map(format_params)
+    rows: dict[tuple, dict] = {}
+    status: dict[tuple[int, str], str] = {}
+    for _, c in cells.iterrows():
+        key = tuple(c[k] for k in keys)
+        row = rows.setdefault(key, {**dict(zip(keys, key)), "accuracy": None, "guarantee": ""})
+        if pd.notna(c.get("accuracy")):
+            row["accuracy"] = c["accuracy"]
+        row["guarantee"] = row["guarantee"] or _guarantee(c.get("guarantee_json"))
+        for metric, title in metrics.items():
+            column = f"{c['attack_label']}: {title}"
+            value = c[metric] if metric in c and c["status"] == "done" else None
+            row[column] = value if pd.notna(value) else None
+            if c["status"] != "done":
+                status[(list(rows).index(key), column)] = c["status"]
+    table = pd.DataFrame(list(rows.values()))
+    table.attrs["status"] = status
+    table.attrs["metrics"] = {f"{label}: {title}": metric for label in cells["attack_label"].unique()
+                              for metric, title in metrics.items()}
+    return table
+
+
+def best_rows(table: pd.DataFrame, tolerance: float = ACCURACY_TOLERANCE) -> dict[str, int]:
+    """Per metric column of ``matrix_table``, the row of the best defense: the least leakage (direction from
+    ``IMAGE_METRICS``) among the defended rows whose accuracy is within ``tolerance`` of the undefended row's
+    (of the same cut and seed, when there are several); no entry when no defended row qualifies."""
+    group = [k for k in ("cut", "seed") if k in table]
+    undefended = table[table["defense"].isin(UNDEFENDED)]
+    best: dict[str, int] = {}
+    for column, metric in table.attrs.get("metrics", {}).items():
+        candidates = table[~table["defense"].isin(UNDEFENDED) & table[column].notna()]
+        keep = []
+        for index, row in candidates.iterrows():
+            reference = undefended
+            for k in group:
+                reference = reference[reference[k] == row[k]]
+            floor = reference["accuracy"].max() - tolerance if reference["accuracy"].notna().any() else None
+            if floor is None or (pd.notna(row["accuracy"]) and row["accuracy"] >= floor):
+                keep.append(index)
+        if keep:
+            values = candidates.loc[keep, column].astype(float)
+            best[column] = int(values.idxmin() if IMAGE_METRICS[metric] else values.idxmax())  # least leakage
+    return best
+
+
+def best_caption(tolerance: float = ACCURACY_TOLERANCE) -> str:
+    """What the marked entries mean, for captions."""
+    return (f"Marked: per column, the defense that leaks least (lowest PSNR, lowest attack accuracy) among those "
+            f"whose accuracy is within {tolerance * 100:g} percentage points of the undefended model's. "
+            f"n/a: the attack does not apply; failed: the cell failed (see the report); "
+            f"--: metric not in the store.")
+
+
+def _display(table: pd.DataFrame, bold) -> pd.DataFrame:
+    """Strings for every entry: numbers rounded, missing values by status, best entries through ``bold``."""
+    best = best_rows(table)
+    shown = table.copy().astype(object)
+    for column in table.columns:
+        for index, value in table[column].items():
+            if column in table.attrs["metrics"]:
+                state = table.attrs["status"].get((index, column))
+                text = {"failed": "failed", "not_applicable": "n/a"}.get(state, "--") if pd.isna(value) \
+                    else f"{value:.3g}" if table.attrs["metrics"][column] != "psnr" else f"{value:.1f}"
+                shown.at[index, column] = bold(text) if best.get(column) == index else text
+            elif column == "accuracy":
+                shown.at[index, column] = "--" if pd.isna(value) else f"{value:.3f}"
+            else:
+                shown.at[index, column] = "" if value is None or (isinstance(value, float) and pd.isna(value)) \
+                    else str(value)
+    return shown
+
+
+def matrix_markdown(cells: pd.DataFrame) -> str:
+    """The defense x attack matrix as GitHub Markdown, best defense per column in bold, with its caption."""
+    shown = _display(matrix_table(cells), lambda text: f"**{text}**")
+    return shown.to_markdown(index=False) + "\n\n" + best_caption()
+
+
+def matrix_styler(cells: pd.DataFrame, escape: str = "latex") -> "pd.io.formats.style.Styler":
+    """The matrix as a pandas Styler, entries escaped for ``escape`` (``latex`` or ``html``), the best defense per
+    column in bold (CSS, converted for LaTeX)."""
+    table = matrix_table(cells)
+    shown = _display(table, lambda text: text)
+    styler = shown.style.hide(axis="index").format(escape=escape).format_index(escape=escape, axis=1)
+    for column, index in best_rows(table).items():
+        styler = styler.map(lambda _: "font-weight: bold;", subset=pd.IndexSlice[[index], [column]])
+    return styler
+
+
+def matrix_latex(cells: pd.DataFrame, caption: str | None = None, label: str = "tab:leakage") -> str:
+    """The defense x attack matrix as a LaTeX booktabs table (needs ``\\usepackage{booktabs}``), best defense
+    per column in bold, special characters escaped."""
+    styler = matrix_styler(cells, "latex")
+    return styler.to_latex(hrules=True, caption=caption or best_caption(), label=label, convert_css=True,
+                           position_float="centering", column_format="l" * len(styler.data.columns))
+
+
+def matrix_html(cells: pd.DataFrame) -> str:
+    """The defense x attack matrix as an HTML table (for the report), best defense per column in bold."""
+    return matrix_styler(cells, "html").set_table_attributes('class="matrix"').to_html()
