@@ -1,0 +1,58 @@
+"""Score a result store's stored reconstructions with the evaluation classifier (attack top-1/top-5, KNN
+distance), beside the same scores of the true test images and of uniform noise, the two ends of the scale.
+
+Useful for stores written before leakbench computed these metrics per cell. It trains (or loads from the
+checkpoint cache) the evaluation classifier of the store's config. Run:
+
+    .venv/bin/python benchmarks/classifier_metrics.py results/default
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pandas as pd
+import torch
+
+from evaluation.config import Cell
+from evaluation.evaluators import Evaluators
+from evaluation.export import find_store
+from evaluation.store import ResultStore
+from evaluation.tables import format_params
+from splitnn import datasets
+
+
+def _means(metrics: dict[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in metrics.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="a results directory or its results.sqlite")
+    parser.add_argument("--cache-dir", help="checkpoint cache (default: $LEAKBENCH_CACHE or ~/.cache/leakbench)")
+    args = parser.parse_args()
+    with ResultStore(find_store(args.results)) as store:
+        cells = store.cells()
+        cells = cells[cells.status == "done"]
+        recons = {key: store.reconstruction(key) for key in cells.cell_key}
+    first = Cell(json.loads(cells.config_json.iloc[0]))
+    data = datasets.get(first["dataset"]["name"], **first["dataset"]["params"])
+    n = first["evaluation"]["num_images"]
+    start = time.perf_counter()
+    judge = Evaluators(args.cache_dir).classifier(first, data)
+    print(f"evaluation classifier for target {first['model']['name']}: test accuracy {judge.test_accuracy:.4f} "
+          f"(ready in {time.perf_counter() - start:.1f} s: trained now or loaded from the cache)")
+    labels = data.y_test[:n]
+    noise = torch.rand(n, *data.shape, generator=torch.Generator().manual_seed(0))
+    rows = [{"cell": "true test images", **_means(judge.classifier_metrics(data.x_test[:n], labels))},
+            {"cell": "uniform noise", **_means(judge.classifier_metrics(noise, labels))}]
+    for _, c in cells.iterrows():
+        if recons[c.cell_key] is not None:
+            rows.append({"cell": f"{c.defense}({format_params(c.defense_params)}) / {c.attack}", "psnr": c.psnr,
+                         **_means(judge.classifier_metrics(recons[c.cell_key], labels))})
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))
+
+
+if __name__ == "__main__":
+    main()
