@@ -11,6 +11,7 @@ import yaml
 
 import attacks
 import defenses
+from evaluation.store import model_label
 from splitnn import datasets, zoo
 from splitnn.errors import ParameterError, check_bool, check_choice, check_number
 from splitnn.split import valid_cuts
@@ -63,8 +64,8 @@ class Cell:
         def fmt(part: dict[str, Any]) -> str:
             params = ", ".join(f"{k}={v}" for k, v in part["params"].items())
             return f"{part['name']}({params})" if params else part["name"]
-        return f"{self.config['cut']} | {fmt(self.config['defense'])} | {fmt(self.config['attack'])} | " \
-               f"seed {self.config['seed']}"
+        return f"{model_label(self.config)} | {self.config['cut']} | {fmt(self.config['defense'])} | " \
+               f"{fmt(self.config['attack'])} | seed {self.config['seed']}"
 
 
 def _named(value: Any, key: str) -> dict[str, Any]:
@@ -151,8 +152,10 @@ class ExperimentConfig:
         self.seeds = [check_number(f"seed[{i}]", s, low=0, integer=True)
                       for i, s in enumerate(_as_list(raw.get("seed", 0), "seed"))]
         self.dataset = _named(raw["dataset"], "dataset")
-        self.model = _named(raw["model"], "model")
         self.train = self._section(raw.get("train") or {}, "train", TRAIN_KEYS)
+        # One model, or a list of them; an entry may override ``train`` (e.g. ``epochs: 0``: random weights).
+        self.models = [self._model_entry(m, f"model[{i}]" if isinstance(raw["model"], list) else "model")
+                       for i, m in enumerate(_as_list(raw["model"], "model"))]
         self.evaluation = {**EVALUATION_DEFAULTS, **self._section(raw.get("evaluation") or {}, "evaluation",
                                                                    EVALUATION_KEYS)}
         self._validate_evaluation()
@@ -162,6 +165,19 @@ class ExperimentConfig:
         self.attacks = [v for i, a in enumerate(_as_list(raw["attacks"], "attacks"))
                         for v in _zipped(a, f"attacks[{i}]")]
         self._validate()
+
+    def _model_entry(self, value: Any, key: str) -> dict[str, Any]:
+        """``name`` or ``{name, params, train}`` -> ``{"name", "params", "train"}`` (train overrides the top level)."""
+        train = {}
+        if isinstance(value, dict) and "train" in value:
+            train = self._section(value["train"] or {}, f"{key}.train", TRAIN_KEYS)
+            value = {k: v for k, v in value.items() if k != "train"}
+        return {**_named(value, key), "train": {**self.train, **train}, "yaml_key": key}
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The first (usually only) model, as ``{"name", "params"}``."""
+        return {"name": self.models[0]["name"], "params": self.models[0]["params"]}
 
     @staticmethod
     def _section(value: Any, key: str, known: set[str]) -> dict[str, Any]:
@@ -194,33 +210,39 @@ class ExperimentConfig:
         so that a cell's hash covers its full configuration."""
         data = _build(datasets.get, self.dataset, "dataset")
         self.dataset["params"] = dict(data.params)
-        model_params = {"num_classes": data.num_classes, "in_channels": data.in_channels, **self.model["params"]}
-        model = _build(zoo.get, {"name": self.model["name"], "params": model_params}, "model")
-        try:
-            train = TrainConfig(model=self.model["name"], dataset=self.dataset["name"], **self.train)
-        except ParameterError as exc:
-            raise ConfigError(f"train.{exc.key}", exc.value, exc.expected) from None
-        self.train = {k: getattr(train, k) for k in sorted(TRAIN_KEYS)}
-        cuts = valid_cuts(model)
-        for i, cut in enumerate(self.cuts):
-            if cut not in cuts:
-                raise ConfigError(f"cut[{i}]" if len(self.cuts) > 1 else "cut", cut,
-                                  "a module after which the model can be cut: " + ", ".join(cuts))
+        for entry in self.models:
+            key = entry.pop("yaml_key")
+            model_params = {"num_classes": data.num_classes, "in_channels": data.in_channels, **entry["params"]}
+            model = _build(zoo.get, {"name": entry["name"], "params": model_params}, key)
+            train_key = f"{key}.train" if entry["train"] != self.train else "train"
+            try:
+                train = TrainConfig(model=entry["name"], dataset=self.dataset["name"], **entry["train"])
+            except ParameterError as exc:
+                raise ConfigError(f"{train_key}.{exc.key}", exc.value, exc.expected) from None
+            entry["train"] = {k: getattr(train, k) for k in sorted(TRAIN_KEYS)}
+            cuts = valid_cuts(model)
+            for i, cut in enumerate(self.cuts):
+                if cut not in cuts:
+                    raise ConfigError(f"cut[{i}]" if len(self.cuts) > 1 else "cut", cut,
+                                      f"a module after which {entry['name']} can be cut: " + ", ".join(cuts))
         for section, registry in (("defenses", defenses.get), ("attacks", attacks.get)):
             for spec in getattr(self, section):
                 key, paths = spec.pop("yaml_key"), spec.pop("zip_paths")
                 spec["params"] = dict(_build(registry, spec, key, paths).params)
 
     def cells(self) -> list[Cell]:
-        """The grid: every seed x cut x defense x attack, in that nesting order."""
+        """The grid: every seed x model x cut x defense x attack, in that nesting order."""
         cells = []
         for seed in self.seeds:
-            for cut in self.cuts:
-                for defense in self.defenses:
-                    for attack in self.attacks:
-                        cells.append(Cell({
-                            "dataset": self.dataset, "model": self.model, "train": self.train, "cut": cut,
-                            "defense": defense, "attack": attack, "seed": seed, "evaluation": self.evaluation}))
+            for entry in self.models:
+                model = {"name": entry["name"], "params": entry["params"]}
+                for cut in self.cuts:
+                    for defense in self.defenses:
+                        for attack in self.attacks:
+                            cells.append(Cell({
+                                "dataset": self.dataset, "model": model, "train": entry["train"], "cut": cut,
+                                "defense": defense, "attack": attack, "seed": seed,
+                                "evaluation": self.evaluation}))
         return cells
 
 

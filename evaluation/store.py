@@ -55,6 +55,13 @@ def decode_images(blob: bytes) -> torch.Tensor:
         return torch.from_numpy(data["images"].astype(np.float32))
 
 
+def model_label(config: dict[str, Any]) -> str:
+    """The model column: its name, its parameters when any were given, and "untrained" for random weights."""
+    params = ", ".join(f"{k}={v}" for k, v in config["model"]["params"].items())
+    label = f"{config['model']['name']}({params})" if params else config["model"]["name"]
+    return label + (" untrained" if config.get("train", {}).get("epochs") == 0 else "")
+
+
 class ResultStore:
     """SQLite store of runs, cells and per-image metrics; a finished cell is never recomputed."""
 
@@ -114,7 +121,7 @@ class ResultStore:
         per_image = per_image or {}
         row: dict[str, Any] = {
             "cell_key": cell_key, "run_id": run_id, "status": status, "reason": reason,
-            "dataset": config["dataset"]["name"], "model": config["model"]["name"], "cut": config["cut"],
+            "dataset": config["dataset"]["name"], "model": model_label(config), "cut": config["cut"],
             "defense": config["defense"]["name"], "defense_params": _json(config["defense"]["params"]),
             "attack": config["attack"]["name"], "attack_params": _json(config["attack"]["params"]),
             "seed": config["seed"], "accuracy": accuracy, "guarantee_json": _json(guarantee or {}),

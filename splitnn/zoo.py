@@ -17,10 +17,16 @@ from splitnn.registry import Registry
 _registry: Registry[nn.Module] = Registry("model")
 NORMS = ("batch", "none")
 STEMS = ("small", "imagenet")
+ACTIVATIONS = ("relu", "prelu")
 
 
 def _norm(kind: str, channels: int) -> nn.Module | None:
     return nn.BatchNorm2d(channels) if kind == "batch" else None
+
+
+def _activation(kind: str, channels: int) -> nn.Module | None:
+    """The activation inside a residual branch: None means the block's plain ReLU; "prelu" a per-channel PReLU."""
+    return nn.PReLU(channels) if kind == "prelu" else None
 
 
 def _shortcut_conv(in_planes: int, out_planes: int, stride: int, norm: str) -> nn.Sequential:
@@ -57,12 +63,13 @@ class BasicBlock(ResidualBlock):
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch",
-                 post_relu: bool = True):
+                 post_relu: bool = True, activation: str = "relu"):
         super().__init__()
         use_bias = norm == "none"
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=use_bias)
         self.bn1 = _norm(norm, planes)
         self.relu = nn.ReLU()
+        self.act = _activation(activation, planes)  # the branch's PReLU; the ReLU after the addition stays a ReLU
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=use_bias)
         self.bn2 = _norm(norm, planes)
         self.post_relu = post_relu
@@ -74,7 +81,7 @@ class BasicBlock(ResidualBlock):
         out = self.conv1(x)
         if self.bn1 is not None:
             out = self.bn1(out)
-        out = self.relu(out)
+        out = self.relu(out) if self.act is None else self.act(out)
         out = self.conv2(out)
         if self.bn2 is not None:
             out = self.bn2(out)
@@ -86,7 +93,7 @@ class Bottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "batch",
-                 post_relu: bool = True):
+                 post_relu: bool = True, activation: str = "relu"):
         super().__init__()
         use_bias = norm == "none"
         out_planes = planes * self.expansion
@@ -97,19 +104,20 @@ class Bottleneck(ResidualBlock):
         self.conv3 = nn.Conv2d(planes, out_planes, 1, 1, 0, bias=use_bias)
         self.bn3 = _norm(norm, out_planes)
         self.relu = nn.ReLU()
+        self.act1, self.act2 = _activation(activation, planes), _activation(activation, planes)
         self.post_relu = post_relu
         self.downsample = _shortcut_conv(in_planes, out_planes, stride, norm) \
             if stride != 1 or in_planes != out_planes else None
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for conv, bn, last in ((self.conv1, self.bn1, False), (self.conv2, self.bn2, False),
-                               (self.conv3, self.bn3, True)):
+        for conv, bn, act in ((self.conv1, self.bn1, self.act1), (self.conv2, self.bn2, self.act2),
+                              (self.conv3, self.bn3, False)):
             out = conv(out)
             if bn is not None:
                 out = bn(out)
-            if not last:
-                out = self.relu(out)
+            if act is not False:
+                out = self.relu(out) if act is None else act(out)
         return out
 
 class IRBlock(ResidualBlock):
@@ -185,23 +193,24 @@ class ResNet(nn.Module):
 
     def __init__(self, blocks_per_stage: list[int], widths: list[int], num_classes: int = 10,
                  in_channels: int = 3, stem: str = "small", norm: str = "batch", post_relu: bool = True,
-                 block: type[nn.Module] = BasicBlock, maxpool: bool | None = None):
+                 block: type[nn.Module] = BasicBlock, maxpool: bool | None = None, activation: str = "relu"):
         super().__init__()
         check_choice("stem", stem, STEMS)
+        check_choice("activation", activation, ACTIVATIONS)
         check_choice("norm", norm, NORMS)
         check_bool("post_relu", post_relu)
         check_number("num_classes", num_classes, low=2, integer=True)
         check_number("in_channels", in_channels, low=1, integer=True)
         maxpool = (stem == "imagenet") if maxpool is None else check_bool("maxpool", maxpool)
         self.config = dict(stem=stem, norm=norm, post_relu=post_relu, num_classes=num_classes,
-                           in_channels=in_channels, maxpool=maxpool, block=block.__name__)
+                           in_channels=in_channels, maxpool=maxpool, block=block.__name__, activation=activation)
         use_bias = norm == "none"
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=use_bias)
         else:
             self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=use_bias)
         self.bn1 = _norm(norm, widths[0])
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU() if activation == "relu" else nn.PReLU(widths[0])
         self.maxpool = nn.MaxPool2d(3, 2, 1) if maxpool else None
         self.stage_names: list[str] = []
         in_planes = widths[0]
@@ -209,7 +218,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             blocks = []
             for j in range(n):
-                blocks.append(block(in_planes, width, stride if j == 0 else 1, norm, post_relu))
+                blocks.append(block(in_planes, width, stride if j == 0 else 1, norm, post_relu, activation))
                 in_planes = width * block.expansion
             name = f"layer{i + 1}"
             setattr(self, name, nn.Sequential(*blocks))
@@ -235,8 +244,9 @@ def _cifar_resnet(depth: int):
     n = (depth - 2) // 6
 
     def build(num_classes: int = 10, in_channels: int = 3, stem: str = "small", norm: str = "batch",
-              post_relu: bool = True) -> ResNet:
-        return ResNet([n, n, n], [16, 32, 64], num_classes, in_channels, stem, norm, post_relu)
+              post_relu: bool = True, maxpool: bool = False, activation: str = "relu") -> ResNet:
+        return ResNet([n, n, n], [16, 32, 64], num_classes, in_channels, stem, norm, post_relu,
+                      maxpool=maxpool, activation=activation)
 
     build.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {n} BasicBlocks, widths 16/32/64."
     return build
@@ -245,10 +255,11 @@ def _cifar_resnet(depth: int):
 def _imagenet_resnet(blocks: list[int], depth: int, block: type[nn.Module] = BasicBlock, norm_default: str = "batch",
                      post_relu_default: bool = True):
     def build(num_classes: int = 10, in_channels: int = 3, stem: str = "imagenet", norm: str = norm_default,
-              post_relu: bool = post_relu_default, maxpool: bool | None = None, width: int = 64) -> ResNet:
+              post_relu: bool = post_relu_default, maxpool: bool | None = None, width: int = 64,
+              activation: str = "relu") -> ResNet:
         check_number("width", width, low=1, integer=True)
         return ResNet(blocks, [width, 2 * width, 4 * width, 8 * width], num_classes, in_channels, stem, norm,
-                      post_relu, block, maxpool)
+                      post_relu, block, maxpool, activation)
 
     build.__doc__ = f"ResNet-{depth} in torchvision's layout ({block.__name__}s {blocks}, widths 64..512 by default)."
     return build

@@ -253,3 +253,29 @@ def test_peel_can_start_from_the_logits():
     assert rec.images.shape == x.shape and torch.isfinite(rec.images).all()
     assert rec.diagnostics["stages"][-1]["kind"] == "layers"  # avgpool + flatten + linear head
     assert rec.diagnostics["refined_residual"] < 1e-3  # the logits are matched (many images do)
+
+
+@pytest.mark.parametrize("block_type", [BasicBlock, zoo.Bottleneck])
+def test_prelu_branch_blocks_are_inverted_and_the_paper_solver_uses_the_slope(block_type):
+    torch.manual_seed(0)
+    block = block_type(16, 16 // block_type.expansion, norm="none", post_relu=False, activation="prelu")
+    for p in block.parameters():  # PEEL reads the learned slopes, so give them non-default values
+        if p.dim() == 1 and p.numel() == 16 // block_type.expansion:
+            p.data.uniform_(0.05, 0.5)
+    block = block.double().eval()
+    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+    x_hat, diag = invert_block(block, y)
+    assert _rel(x_hat, x) < 1e-6 and diag["residual"] < 1e-8
+
+
+def test_prelu_resnet_splits_exactly_and_its_stages_reproduce_the_client():
+    torch.manual_seed(0)
+    model = zoo.get("resnet20", activation="prelu", maxpool=True).eval()
+    assert isinstance(model.relu, nn.PReLU) and isinstance(model.layer1[0].act, nn.PReLU)
+    x = torch.rand(2, 3, 16, 16)
+    client, server = split(model, "layer1")
+    assert torch.equal(server(client(x)), model(x))
+    assert PEEL().supports(client)[0]
+    extract_stages(client, (3, 16, 16))  # raises if the stages do not reproduce the client

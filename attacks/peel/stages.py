@@ -137,14 +137,17 @@ def _affine(conv: nn.Conv2d, norm: nn.Module | None, dtype: torch.dtype) -> Call
 
 def _branch(block: nn.Module, dtype: torch.dtype) -> tuple[list, list, bool]:
     """(layers, activations, post_relu) of a supported block's residual branch."""
-    relu = torch.relu
+    def act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:  # a zoo block's PReLU, else ReLU
+        module = getattr(block, name, None)
+        return torch.relu if module is None else _frozen(module, dtype)
+
     if isinstance(block, (zoo.BasicBlock, tv_resnet.BasicBlock)):
         layers = [_affine(block.conv1, block.bn1, dtype), _affine(block.conv2, block.bn2, dtype)]
-        return layers, [relu], getattr(block, "post_relu", True)
+        return layers, [act("act")], getattr(block, "post_relu", True)
     if isinstance(block, (zoo.Bottleneck, tv_resnet.Bottleneck)):
         layers = [_affine(block.conv1, block.bn1, dtype), _affine(block.conv2, block.bn2, dtype),
                   _affine(block.conv3, block.bn3, dtype)]
-        return layers, [relu, relu], getattr(block, "post_relu", True)
+        return layers, [act("act1"), act("act2")], getattr(block, "post_relu", True)
     if isinstance(block, zoo.IRBlock):
         first = _frozen(block.conv1, dtype) if block.bn0 is None else \
             nn.Sequential(_frozen(block.bn0, dtype), _frozen(block.conv1, dtype))  # BN before a padded conv: kept

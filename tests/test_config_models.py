@@ -1,0 +1,36 @@
+"""Configs with several models: each entry may override ``train``; rows name the model variant."""
+import pytest
+
+from evaluation.config import ConfigError, ExperimentConfig
+
+BASE = {"dataset": {"name": "digits", "params": {"size": 16}}, "train": {"epochs": 3}, "cut": "layer1",
+        "defenses": ["none"], "attacks": [{"name": "rmle", "params": {"iterations": 5}}]}
+
+
+def test_a_model_list_expands_into_cells_with_their_own_train_settings():
+    config = ExperimentConfig({**BASE, "model": [
+        "resnet20", {"name": "resnet20", "params": {"norm": "none", "post_relu": False}, "train": {"epochs": 0}}]})
+    cells = config.cells()
+    assert len(cells) == 2 and cells[0].key != cells[1].key
+    assert [c["train"]["epochs"] for c in cells] == [3, 0]
+    assert cells[1].train_config().model_params == {"norm": "none", "post_relu": False}
+    assert cells[0].label().startswith("resnet20 | layer1")
+    assert cells[1].label().startswith("resnet20(norm=none, post_relu=False) untrained | layer1")
+
+
+def test_a_single_model_gives_the_same_cell_as_a_one_entry_list():
+    single = ExperimentConfig({**BASE, "model": "resnet20"}).cells()
+    listed = ExperimentConfig({**BASE, "model": [{"name": "resnet20"}]}).cells()
+    assert [c.key for c in single] == [c.key for c in listed]
+
+
+@pytest.mark.parametrize("model, key", [
+    ([{"name": "resnet20"}, {"name": "resnet20", "train": {"epochs": -1}}], "model[1].train.epochs"),
+    ([{"name": "resnet20"}, {"name": "resnet20", "train": {"steps": 1}}], "model[1].train.steps"),
+    ([{"name": "resnet20", "params": {"activation": "tanh"}}], "model[0].params.activation"),
+    ({"name": "resnet20", "params": {"maxpool": "yes"}}, "model.params.maxpool"),
+])
+def test_bad_model_entries_name_their_key(model, key):
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig({**BASE, "model": model})
+    assert err.value.key == key
