@@ -23,9 +23,14 @@ class Evaluators:
         self._classifiers: dict[str, EvaluationClassifier] = {}
         self._lpips: dict[tuple[str, str], LPIPS] = {}
 
+    @staticmethod
+    def classifier_key(cell: Cell) -> str:
+        """Cells with equal keys share one evaluation classifier."""
+        return config_hash({"dataset": cell["dataset"], "target": cell["model"]["name"], "train": cell["train"]})
+
     def classifier(self, cell: Cell, data: Dataset) -> EvaluationClassifier:
         """The cell's evaluation classifier, trained with the target's recipe (or loaded from the cache)."""
-        key = config_hash({"dataset": cell["dataset"], "target": cell["model"]["name"], "train": cell["train"]})
+        key = self.classifier_key(cell)
         if key not in self._classifiers:
             self._classifiers[key] = get_evaluation_classifier(data, self.cache_dir, cell["model"]["name"],
                                                                self.progress, train_params=dict(cell["train"]))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 from tqdm.auto import tqdm
 
 from evaluation.config import Cell
+from evaluation.evaluators import Evaluators
 
 if TYPE_CHECKING:
     from evaluation.runner import CellResult, Matrix
@@ -71,6 +72,12 @@ def _train_on_worker(matrix: "Matrix", cell: Cell) -> None:
     _worker_matrix(matrix).trained(cell)
 
 
+def _judge_on_worker(matrix: "Matrix", cell: Cell) -> None:
+    """Train (or load) the cell's evaluation classifier, once, before the cells that use it run."""
+    worker = _worker_matrix(matrix)
+    worker.evaluators.classifier(cell, worker.dataset(cell))
+
+
 def _compute_on_worker(matrix: "Matrix", cell: Cell) -> "CellResult":
     return _worker_matrix(matrix).compute_cell(cell)
 
@@ -81,8 +88,8 @@ class Dask:
     running scheduler (e.g. one started by dask-jobqueue). Workers must see the model cache directory
     (``--cache-dir``) on a shared filesystem to reuse checkpoints; otherwise each one trains its own.
 
-    Each distinct trained model is first trained by one task, so workers do not train the same model
-    twice at once; then every cell is one task, and results are yielded in the order they complete.
+    Each distinct trained model (and evaluation classifier) is first trained by one task, so workers do not
+    train the same model twice at once; then every cell is one task, and results are yielded in the order they complete.
     """
 
     def __init__(self, address: str = "local", workers: int = 2):
@@ -118,8 +125,10 @@ class Dask:
             shipped = matrix.for_workers()
             remote = client.scatter(shipped, broadcast=True)
             by_model = {cell.train_config().key(): cell for cell in cells}
-            client.gather(client.map(_train_on_worker, [remote] * len(by_model), list(by_model.values()),
-                                     pure=False))
+            by_judge = {Evaluators.classifier_key(cell): cell for cell in cells if cell["evaluation"]["classifier"]}
+            client.gather(client.map(_train_on_worker, [remote] * len(by_model), list(by_model.values()), pure=False)
+                          + client.map(_judge_on_worker, [remote] * len(by_judge), list(by_judge.values()),
+                                       pure=False))
             futures = {client.submit(_compute_on_worker, remote, cell, pure=False): cell for cell in cells}
             with _bar(matrix, len(cells)) as bar:
                 for future in as_completed(futures):
