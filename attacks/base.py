@@ -16,6 +16,7 @@ class Knowledge(str, Enum):
     AUXILIARY_DATA = "auxiliary_data"   # samples from the same distribution as the private data
     QUERY_ACCESS = "query_access"       # can run the client half on inputs of its choice
     DEFENSE = "defense"                 # knows the defense's kind and public parameters
+    SERVER_WEIGHTS = "server_weights"   # holds the server half (an honest-but-curious server does)
 
 
 @dataclass

@@ -39,6 +39,9 @@ class Defense:
     needs_fit: ClassVar[bool] = False
     #: Training defenses: whether training needs the name of the cut (e.g. NoPeek's penalty there).
     uses_cut: ClassVar[bool] = False
+    #: Attacker knowledge this defense takes away (e.g. ``{"client_weights"}`` for a client with a secret
+    #: key); the runner marks cells of attacks that need any of it not applicable. Values of attacks.Knowledge.
+    denies: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, seed: int = 0):
         self.seed = check_number("seed", seed, low=0, integer=True)

@@ -20,6 +20,7 @@ import torch
 import attacks
 import defenses
 from evaluation import provenance
+from evaluation.attack_context import attack_context, denied
 from evaluation.config import Cell, ExperimentConfig
 from evaluation.evaluators import Evaluators
 from evaluation.metrics import accuracy, image_metrics, summarize
@@ -228,7 +229,8 @@ class Matrix:
         defense, server = self.defense(cell, trained, client, server)
         attack = attacks.get(cell["attack"]["name"], **cell["attack"]["params"])
 
-        ok, reason = attack.supports(client, defense)
+        reason = denied(attack, defense)
+        ok, reason = (False, reason) if reason else attack.supports(client, defense)
         if not ok:
             return {"status": "not_applicable", "reason": reason, "guarantee": defense.guarantee()}
 
@@ -237,8 +239,12 @@ class Matrix:
         # whether or not the features came from the cache, so a row does not depend on cell order.
         defense, server = self.defense(cell, trained, client, server)
         torch.manual_seed(seed)
+        context = attack_context(attack, data=data, client=client, server=server, defense=defense, seed=seed,
+                                 cache_dir=self.cache_dir, cache_key={
+                                     "model": trained.config.key(), "cut": cell["cut"],
+                                     "defense": cell["defense"], "seed": seed})
         recon = attack.reconstruct(client, shared.features, image_shape=data.shape, defense=defense,
-                                   truth=shared.truth)
+                                   truth=shared.truth, **context)
         per_image = image_metrics(recon.images, shared.truth)
         judged, evaluation_note = self.evaluators.metrics(cell, data, recon.images, shared.truth)
         per_image.update(judged)

@@ -9,6 +9,7 @@ from torch import nn
 
 from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
 from attacks.optim import FitResult, fit_input, relative_residual, relu_consistency
+from attacks.peel.adaptive import DefenseReading, fit_image_adaptive, invert_stage_adaptive, read_defense
 from attacks.peel.paper_solver import invert_stage_paper
 from attacks.peel.solver import invert_stage
 from attacks.peel.stages import Stage, UnsupportedLayerError, build_stages, extract_stages
@@ -42,6 +43,10 @@ class PEEL(Attack):
 
     ``chaining="oracle_reset"`` restarts every stage from the *true* features at its output, as
     the authors' code did; it needs ``truth`` and is only for reproducing their per-block numbers.
+
+    ``adaptive=True`` is defense-aware PEEL (knowledge adds DEFENSE): it reads the ``defense`` passed to
+    ``reconstruct`` (kind and public parameters) and fits what the defense released instead of an exact
+    fit (see ``attacks.peel.adaptive``; ``tv_prior`` is the rate β of its TV prior under noise).
     """
 
     knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
@@ -49,7 +54,7 @@ class PEEL(Attack):
     def __init__(self, solver: str = "default", refine: bool = True, chaining: str = "honest",
                  max_iter: int = 300, fixed_point_iters: int = 100, refine_iter: int = 500,
                  tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 0.0,
-                 dtype: str = "float64"):
+                 dtype: str = "float64", adaptive: bool = False, tv_prior: float = 5.0):
         self.solver = check_choice("solver", solver, ("default", "paper"))
         self.refine = check_bool("refine", refine)
         self.chaining = check_choice("chaining", chaining, ("honest", "oracle_reset"))
@@ -60,13 +65,18 @@ class PEEL(Attack):
         self.also_from_grey = check_bool("also_from_grey", also_from_grey)
         self.prior_weight = float(check_number("prior_weight", prior_weight, low=0))
         self.dtype = check_choice("dtype", dtype, ("float32", "float64"))
+        self.adaptive = check_bool("adaptive", adaptive)
+        self.tv_prior = float(check_number("tv_prior", tv_prior, low=0))
+        if self.adaptive:  # per instance: the defense-aware variant knows more than plain PEEL
+            self.knowledge = PEEL.knowledge | {Knowledge.DEFENSE}
 
     @property
     def params(self) -> dict[str, Any]:
         return {"solver": self.solver, "refine": self.refine, "chaining": self.chaining, "max_iter": self.max_iter,
                 "fixed_point_iters": self.fixed_point_iters, "refine_iter": self.refine_iter,
                 "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey,
-                "prior_weight": self.prior_weight, "dtype": self.dtype}
+                "prior_weight": self.prior_weight, "dtype": self.dtype, "adaptive": self.adaptive,
+                "tv_prior": self.tv_prior}
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         try:
@@ -75,8 +85,11 @@ class PEEL(Attack):
             return False, str(exc)
         return True, ""
 
-    def _invert(self, stage: Stage, target: torch.Tensor, lower: float | None, upper: float | None
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _invert(self, stage: Stage, target: torch.Tensor, lower: float | None, upper: float | None,
+                reading: DefenseReading | None = None, at_cut: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        if reading is not None and reading.changes_fit and (at_cut or reading.kind == "noise"):
+            return invert_stage_adaptive(stage, target, reading, at_cut=at_cut, lower=lower, upper=upper,
+                                         max_iter=self.max_iter)
         if self.solver == "paper":
             return invert_stage_paper(stage, target, lower=lower, upper=upper)
         return invert_stage(stage, target, lower=lower, upper=upper, max_iter=self.max_iter,
@@ -90,6 +103,7 @@ class PEEL(Attack):
         observed = features.detach().to(dtype)
         truth = ctx.get("truth")
         truth = truth.detach().to(dtype) if truth is not None else None
+        reading = read_defense(ctx.get("defense"), observed) if self.adaptive else None
         true_outputs: list[torch.Tensor] = []
         if self.chaining == "oracle_reset":
             if truth is None:
@@ -104,7 +118,8 @@ class PEEL(Attack):
             if self.chaining == "oracle_reset" and index < len(stages) - 1:
                 target = true_outputs[index]
             lower, upper = stage_bounds(stages, index)
-            target, stage_diagnostics[index] = self._invert(stages[index], target, lower, upper)
+            target, stage_diagnostics[index] = self._invert(stages[index], target, lower, upper, reading,
+                                                            at_cut=index == len(stages) - 1)
             recovered[index] = target
         if truth is not None:  # evaluation only; never used to solve (except by the labelled oracle mode)
             for diag, error in zip(stage_diagnostics, true_input_errors(stages, recovered, truth)):
@@ -118,7 +133,11 @@ class PEEL(Attack):
         if truth is not None:
             diagnostics["blockwise_mse"] = float((blockwise - truth).pow(2).mean())
         images = blockwise
-        if self.refine:
+        if reading is not None:
+            diagnostics["adaptive"] = reading.diagnostics()
+        if self.refine and reading is not None and reading.changes_fit:
+            images = self._refine_adaptive(stages, reading, blockwise, diagnostics)
+        elif self.refine:
             fits = {"blockwise": fit_image(stages, observed, blockwise, self.refine_iter, self.tv_weight)}
             if self.also_from_grey:
                 fits["grey"] = fit_image(stages, observed, torch.full_like(blockwise, 0.5), self.refine_iter,
@@ -132,6 +151,23 @@ class PEEL(Attack):
         diagnostics["seconds"] = time.perf_counter() - start
         return Reconstruction(images.to(features.dtype), diagnostics,
                               {"blockwise": blockwise.to(features.dtype)} if self.refine else {})
+
+
+    def _refine_adaptive(self, stages: list[Stage], reading: DefenseReading, blockwise: torch.Tensor,
+                         diagnostics: dict[str, Any]) -> torch.Tensor:
+        """The refinement under the defense's reading; the start whose fit has the lower objective wins."""
+        starts = {"blockwise": blockwise}
+        if self.also_from_grey:
+            starts["grey"] = torch.full_like(blockwise, 0.5)
+        fits = {k: fit_image_adaptive(stages, reading, x0, self.refine_iter, self.tv_weight, self.tv_prior)
+                for k, x0 in starts.items()}
+        best = min(fits, key=lambda k: fits[k][1])
+        diagnostics.update({"refine_start": best, "refined_residual": fits[best][0].residual,
+                            "refine_residuals": {k: f.residual for k, (f, _) in fits.items()},
+                            "refine_objectives": {k: v for k, (_, v) in fits.items()},
+                            "refine_seconds": sum(f.seconds for f, _ in fits.values())})
+        diagnostics["iterations"] += sum(f.iterations for f, _ in fits.values())
+        return fits[best][0].x
 
 
 def chain(stages: list[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:

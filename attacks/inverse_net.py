@@ -1,0 +1,122 @@
+"""The learned inverse network (He, Zhang & Lee 2019, black-box setting): a decoder trained on auxiliary
+images to map the defended features back to images. It queries the client (and its defense) as a black
+box and never reads the client's weights."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
+from attacks.cache import cached_module
+from attacks.registry import register
+from splitnn.errors import check_number
+
+
+class Decoder(nn.Module):
+    """Standardised features -> conv -> transposed convs (x2 each, up to the image size) -> convs -> sigmoid."""
+
+    def __init__(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], hidden: int):
+        super().__init__()
+        if len(feature_shape) != 3:
+            raise ValueError(f"inverse_net needs spatial features (N, C, H, W) at the cut, got per-sample shape "
+                             f"{tuple(feature_shape)}")
+        c, h, _ = feature_shape
+        channels, height, width = image_shape
+        self.image_hw = (height, width)
+        self.register_buffer("mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("std", torch.ones(1, c, 1, 1))
+        layers: list[nn.Module] = [nn.Conv2d(c, hidden, 3, padding=1), nn.ReLU()]
+        size = h
+        while size * 2 <= height:  # undo the client's downsampling
+            layers += [nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1), nn.ReLU()]
+            size *= 2
+        layers += [nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, channels, 3, padding=1)]
+        self.body = nn.Sequential(*layers)
+
+    def standardise_with(self, features: torch.Tensor) -> None:
+        """Fix the per-channel input standardisation from a batch of (defended) features."""
+        dims = [0, 2, 3]
+        self.mean.copy_(features.mean(dim=dims, keepdim=True))
+        self.std.copy_(features.std(dim=dims, keepdim=True).clamp_min(1e-6))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.body((features - self.mean) / self.std)
+        if tuple(x.shape[-2:]) != self.image_hw:
+            x = F.interpolate(x, size=self.image_hw, mode="bilinear", align_corners=False)
+        return torch.sigmoid(x)
+
+
+def require_context(ctx: dict[str, Any], attack: str, *names: str) -> list[Any]:
+    """The named context entries, or a clear error saying what the attack needs and why."""
+    missing = [n for n in names if ctx.get(n) is None]
+    if missing:
+        raise ValueError(f"{attack} needs {', '.join(missing)} in reconstruct(...) (auxiliary=(images, labels), "
+                         "query=images -> defended features, server=the server half); the runner passes them "
+                         "by the attack's declared knowledge")
+    return [ctx[n] for n in names]
+
+
+@register("inverse_net")
+class InverseNet(Attack):
+    """Trains a decoder on auxiliary images, queried through the client and its defense (fresh defense
+    randomness every epoch), to minimise the MSE to the images; applies it to the observed features.
+
+    Cached on disk per (model, cut, defense, seed, attack parameters) when the runner identifies them.
+    """
+
+    knowledge = frozenset({Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS})
+
+    def __init__(self, hidden: int = 32, epochs: int = 15, lr: float = 2e-3, batch_size: int = 32, seed: int = 0):
+        self.hidden = check_number("hidden", hidden, low=1, integer=True)
+        self.epochs = check_number("epochs", epochs, low=0, integer=True)
+        self.lr = float(check_number("lr", lr, low=0, low_open=True))
+        self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                "seed": self.seed}
+
+    def train_decoder(self, decoder: Decoder, images: torch.Tensor,
+                      query: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+        """Adam on the MSE between decoder(query(images)) and images; returns the mean loss of each epoch."""
+        generator = torch.Generator().manual_seed(self.seed)
+        decoder.standardise_with(query(images))
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=self.lr)
+        losses = []
+        decoder.train()
+        for _ in range(self.epochs):
+            features = query(images)  # a fresh draw of the defense's randomness each epoch
+            order = torch.randperm(len(images), generator=generator)
+            total = 0.0
+            for i in range(0, len(images), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                optimizer.zero_grad()
+                loss = F.mse_loss(decoder(features[idx]), images[idx])
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+            losses.append(total / len(images))
+        return losses
+
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
+        shape = require_image_shape(ctx)
+        (aux_images, _labels), query = require_context(ctx, self.name, "auxiliary", "query")
+        start = time.perf_counter()
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            decoder = Decoder(tuple(features.shape[1:]), shape, self.hidden)
+        losses: list[float] = []
+        key = None if ctx.get("cache_key") is None else {
+            "attack": self.name, **self.params, "context": ctx["cache_key"], "features": list(features.shape[1:])}
+        decoder, from_cache = cached_module(decoder, self.name, key, ctx.get("cache_dir"),
+                                            lambda d: losses.extend(self.train_decoder(d, aux_images, query)))
+        with torch.no_grad():
+            images = decoder.eval()(features.float()).to(features.dtype)
+        return Reconstruction(images, {"from_cache": from_cache, "train_losses": losses,
+                                       "auxiliary_images": len(aux_images), "seconds": time.perf_counter() - start})

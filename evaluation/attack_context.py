@@ -1,0 +1,68 @@
+"""What the runner hands an attack besides the features: only what its declared knowledge entitles it to.
+
+The auxiliary data is a fixed, seeded half of the *training* set (so it is disjoint from the attacked
+test images); the query oracle runs the client and a copy of the defense whose random stream is
+independent of the one that defended the attacked features.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from attacks.base import Attack, Knowledge
+from defenses.base import Defense
+from splitnn.datasets import Dataset
+from splitnn.training import config_hash
+
+#: Fraction of the training set the attacker gets as auxiliary data.
+AUXILIARY_FRACTION = 0.5
+
+
+def auxiliary_split(data: Dataset, seed: int, fraction: float = AUXILIARY_FRACTION
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded ``fraction`` of the training set (images, labels): the attacker's auxiliary data."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data.x_train), generator=generator)[: int(fraction * len(data.x_train))]
+    return data.x_train[index], data.y_train[index]
+
+
+def query_oracle(client: nn.Module, defense: Defense, seed: int, batch_size: int = 256
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images -> defended features, through a copy of ``defense`` on its own random stream (so the noise an
+    attacker sees on its queries never repeats the noise on the attacked features)."""
+    oracle_defense = copy.deepcopy(defense)
+    oracle_defense.seed = int(config_hash({"query_stream": seed}), 16) % (2 ** 31)
+    oracle_defense._generator = None
+
+    @torch.no_grad()
+    def query(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([oracle_defense(client(images[i:i + batch_size]))
+                          for i in range(0, len(images), batch_size)])
+    return query
+
+
+def denied(attack: Attack, defense: Defense) -> str:
+    """Why ``attack`` cannot run behind ``defense`` (knowledge it needs that the defense denies), or ''."""
+    missing = set(attack.knowledge) & {Knowledge(k) for k in defense.denies}
+    if not missing:
+        return ""
+    names = ", ".join(sorted(k.value for k in missing))
+    return f"{defense.name} denies the attacker {names}, which {attack.name} needs"
+
+
+def attack_context(attack: Attack, *, data: Dataset, client: nn.Module, server: nn.Module, defense: Defense,
+                   seed: int, cache_dir: str | None, cache_key: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``reconstruct`` gets beyond ``image_shape``, ``defense`` and ``truth``, by knowledge:
+    ``auxiliary`` (images, labels), ``query`` (images -> defended features), ``server`` (the server half);
+    always ``cache_dir`` and ``cache_key`` (what identifies model, cut, defense and seed, for attack caches)."""
+    ctx: dict[str, Any] = {"cache_dir": cache_dir, "cache_key": cache_key}
+    if Knowledge.AUXILIARY_DATA in attack.knowledge:
+        ctx["auxiliary"] = auxiliary_split(data, seed)
+    if Knowledge.QUERY_ACCESS in attack.knowledge:
+        ctx["query"] = query_oracle(client, defense, seed)
+    if Knowledge.SERVER_WEIGHTS in attack.knowledge:
+        ctx["server"] = server
+    return ctx

@@ -1,0 +1,95 @@
+"""Defense-aware PEEL (``attacks.get("peel", adaptive=True)``): at least as good as plain PEEL against every
+transform defense, strictly better against noise, plain PEEL against a defense it does not know."""
+import pytest
+import torch
+
+import attacks
+import defenses
+from attack_fixtures import digits16, psnr, trained_split
+from attacks.base import Knowledge
+from attacks.peel.adaptive import read_defense
+from defenses.base import Defense
+from splitnn.errors import ParameterError
+
+BUDGET = {"max_iter": 30, "refine_iter": 150}
+
+
+@pytest.fixture(scope="module")
+def setting():
+    data = digits16()
+    _, client, server = trained_split(data)
+    return data, client, server, data.x_test[:4]
+
+
+def _both(setting, defense):
+    data, client, server, x = setting
+    if defense.needs_fit:
+        defense.fit(client, server, data.x_train, data.y_train)
+    with torch.no_grad():
+        features = defense(client(x))
+    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=defense)
+    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, image_shape=data.shape,
+                                                                        defense=defense)
+    return psnr(plain.images, x), psnr(adaptive.images, x), adaptive
+
+
+@pytest.mark.parametrize("name, params", [("gaussian_noise", {"scale": 0.1}), ("gaussian_noise", {"scale": 0.5}),
+                                          ("laplace_noise", {"scale": 0.1})])
+def test_adaptive_peel_is_strictly_better_against_noise(setting, name, params):
+    plain, adaptive, rec = _both(setting, defenses.get(name, **params))
+    assert rec.diagnostics["adaptive"]["model"] == "noise"
+    assert adaptive > plain + 1.0, (plain, adaptive)
+
+
+@pytest.mark.parametrize("name, params", [("none", {}), ("quantization", {"bits": 4}), ("quantization", {"bits": 2}),
+                                          ("topk", {"keep": 0.2}), ("dropout", {"p": 0.2}),
+                                          ("pruning", {"ratio": 0.5, "samples": 64})])
+def test_adaptive_peel_is_at_least_as_good_against_transforms(setting, name, params):
+    plain, adaptive, _ = _both(setting, defenses.get(name, **params))
+    assert adaptive >= plain - 0.05, (plain, adaptive)  # equal up to solver round-off where nothing changes
+
+
+class _Mystery(Defense):
+    """A transform PEEL has no model of."""
+
+    name = "mystery"
+
+    def transform(self, features):
+        return features * 0.9
+
+
+def test_unknown_defense_is_plain_peel_and_says_so(setting):
+    data, client, _, x = setting
+    defense = _Mystery()
+    with torch.no_grad():
+        features = defense(client(x))
+    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=defense)
+    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, image_shape=data.shape,
+                                                                        defense=defense)
+    assert torch.equal(plain.images, adaptive.images)
+    assert adaptive.diagnostics["adaptive"]["model"] == "unknown"
+    assert "plain PEEL" in adaptive.diagnostics["adaptive"]["note"]
+
+
+def test_the_readings_hold_the_clean_features(setting):
+    """Quantization bins contain the clean features; the noise level is estimated from the observation."""
+    _, client, _, x = setting
+    with torch.no_grad():
+        clean = client(x).double()
+    for bits in (2, 4):
+        reading = read_defense(defenses.get("quantization", bits=bits), defenses.get("quantization", bits=bits)(clean))
+        assert bool(((reading.low <= clean + 1e-9) & (clean <= reading.high + 1e-9)).all())
+    noisy = defenses.get("gaussian_noise", scale=0.3)(clean)
+    reading = read_defense(defenses.get("gaussian_noise", scale=0.3), noisy)
+    true_sigma = 0.3 * clean.flatten(1).pow(2).mean(dim=1).sqrt()
+    assert torch.allclose(reading.sigma.flatten(), true_sigma, rtol=0.05)
+    assert reading.relative_noise == pytest.approx(0.3, rel=0.05)
+
+
+def test_adaptive_knowledge_and_parameters():
+    assert Knowledge.DEFENSE in attacks.get("peel", adaptive=True).knowledge
+    assert Knowledge.DEFENSE not in attacks.get("peel").knowledge  # the class keeps plain PEEL's knowledge
+    with pytest.raises(ParameterError, match="adaptive"):
+        attacks.get("peel", adaptive="yes")
+    with pytest.raises(ParameterError, match="tv_prior"):
+        attacks.get("peel", adaptive=True, tv_prior=-1)

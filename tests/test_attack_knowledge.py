@@ -1,0 +1,101 @@
+"""The runner passes attacks what their declared knowledge entitles them to, and marks cells whose attack
+needs knowledge the defense denies as not applicable (from the declaration, not by running them)."""
+import textwrap
+
+import pytest
+import torch
+
+import attacks
+import defenses
+from attack_fixtures import digits16
+from attacks.base import Knowledge
+from defenses.base import Defense
+from evaluation import Matrix, ResultStore, load_config
+from evaluation.attack_context import attack_context, auxiliary_split, denied, query_oracle
+from splitnn import split, zoo
+
+
+class SecretKeyDefense(Defense):
+    """A client whose weights are keyed by a secret: white-box attackers do not get them."""
+
+    denies = frozenset({Knowledge.CLIENT_WEIGHTS})
+
+    def transform(self, features):
+        return features
+
+
+CONFIG = """
+name: knowledge
+seed: 0
+dataset: {name: digits, params: {size: 16}}
+model: resnet20
+train: {epochs: 1, batch_size: 128}
+cut: layer1
+defenses: [secret_key]
+attacks:
+  - {name: rmle, params: {iterations: 5}}
+  - {name: peel, params: {adaptive: true, max_iter: 2, refine_iter: 2}}
+  - {name: inverse_net, params: {epochs: 1}}
+  - {name: shadow, params: {epochs: 1, iterations: 2}}
+evaluation: {num_images: 2}
+"""
+
+
+@pytest.fixture
+def secret_key(monkeypatch):
+    from defenses.registry import _registry
+
+    monkeypatch.setitem(_registry._factories, "secret_key", SecretKeyDefense)
+    monkeypatch.setattr(SecretKeyDefense, "name", "secret_key")
+
+
+def test_white_box_cells_are_not_applicable_behind_a_defense_that_denies_client_weights(secret_key, tmp_path):
+    path = tmp_path / "k.yaml"
+    raw = textwrap.dedent(CONFIG)
+    path.write_text(raw)
+    config = load_config(path)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        Matrix(config, progress=False).run(store)
+        cells = store.cells().set_index("attack")
+    for white_box in ("rmle", "peel"):
+        assert cells.loc[white_box, "status"] == "not_applicable"
+        assert "client_weights" in cells.loc[white_box, "reason"]
+    assert cells.loc["inverse_net", "status"] == "done"  # black box: queries and auxiliary data
+    assert cells.loc["shadow", "status"] == "done"       # query-free: server half and auxiliary data
+
+
+def test_denied_reads_the_declared_knowledge():
+    secret = SecretKeyDefense()
+    assert "client_weights" in denied(attacks.get("rmle"), secret)
+    assert denied(attacks.get("inverse_net"), secret) == ""
+    assert denied(attacks.get("rmle"), defenses.get("gaussian_noise")) == ""  # the base class denies nothing
+
+
+def test_context_follows_knowledge_and_auxiliary_data_is_half_the_training_set():
+    data = digits16()
+    client, server = split(zoo.get("resnet20").eval(), "layer1")
+    noise = defenses.get("gaussian_noise", scale=0.5)
+    common = dict(data=data, client=client, server=server, defense=noise, seed=0, cache_dir=None, cache_key={})
+    assert set(attack_context(attacks.get("rmle"), **common)) == {"cache_dir", "cache_key"}
+    black_box = attack_context(attacks.get("inverse_net"), **common)
+    assert {"auxiliary", "query"} <= set(black_box) and "server" not in black_box
+    query_free = attack_context(attacks.get("shadow"), **common)
+    assert {"auxiliary", "server"} <= set(query_free) and "query" not in query_free
+
+    images, labels = auxiliary_split(data, seed=0)
+    assert len(images) == len(data.x_train) // 2 and len(labels) == len(images)
+    flat_train = data.x_train.flatten(1)
+    assert all(bool((flat_train == im.flatten()).all(dim=1).any()) for im in images[:20])  # rows of the training set
+    assert torch.equal(auxiliary_split(data, seed=0)[0], images)  # fixed per seed
+    assert not torch.equal(auxiliary_split(data, seed=1)[0], images)
+
+
+def test_query_noise_is_a_fresh_stream():
+    client, _ = split(zoo.get("resnet20").eval(), "layer1")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        clean = client(x)
+        attacked = defenses.get("gaussian_noise", scale=0.5, seed=0)(clean)
+    queried = query_oracle(client, defenses.get("gaussian_noise", scale=0.5, seed=0), seed=0)(x)
+    assert not torch.allclose(queried - clean, attacked - clean)  # the attacker cannot replay the cell's noise
+    assert torch.equal(queried, query_oracle(client, defenses.get("gaussian_noise", scale=0.5, seed=0), seed=0)(x))

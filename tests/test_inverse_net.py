@@ -1,0 +1,74 @@
+"""The learned inverse network: black-box (queries and auxiliary data only), beats the mean image, cached."""
+import pytest
+import torch
+
+import attacks
+import defenses
+from attack_fixtures import digits16, trained_split
+from attacks.base import Knowledge
+from evaluation.attack_context import auxiliary_split, query_oracle
+from splitnn.errors import ParameterError
+
+
+@pytest.fixture(scope="module")
+def setting():
+    data = digits16()
+    _, client, server = trained_split(data)
+    return data, client
+
+
+def _mse(a, b):
+    return float((a - b).pow(2).mean())
+
+
+@pytest.mark.parametrize("name, params", [("none", {}), ("gaussian_noise", {"scale": 0.5})])
+def test_inverse_net_beats_the_mean_image_on_held_out_images(setting, name, params):
+    data, client = setting
+    x = data.x_test[:32]  # held out: the auxiliary data is half of the training set
+    with torch.no_grad():
+        features = defenses.get(name, **params)(client(x))
+    aux = auxiliary_split(data, seed=0)
+    rec = attacks.get("inverse_net", epochs=8).reconstruct(
+        client, features, image_shape=data.shape, auxiliary=aux, query=query_oracle(client, defenses.get(name, **params), 0))
+    baseline = _mse(aux[0].mean(dim=0, keepdim=True).expand_as(x), x)
+    assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
+    assert _mse(rec.images, x) < 0.5 * baseline
+    assert rec.diagnostics["train_losses"][-1] < rec.diagnostics["train_losses"][0]
+
+
+def test_inverse_net_is_cached_per_model_cut_and_defense(setting, tmp_path):
+    data, client = setting
+    x = data.x_test[:4]
+    with torch.no_grad():
+        features = client(x)
+    aux = auxiliary_split(data, seed=0)
+    calls = []
+
+    def query(images):
+        calls.append(len(images))
+        with torch.no_grad():
+            return client(images)
+    attack = attacks.get("inverse_net", epochs=1)
+    key = {"model": "m", "cut": "layer1", "defense": {"name": "none", "params": {}}, "seed": 0}
+    ctx = dict(image_shape=data.shape, auxiliary=aux, query=query, cache_dir=str(tmp_path), cache_key=key)
+    first = attack.reconstruct(client, features, **ctx)
+    assert not first.diagnostics["from_cache"] and calls
+    calls.clear()
+    second = attack.reconstruct(client, features, **ctx)
+    assert second.diagnostics["from_cache"] and not calls  # loaded: no queries, same decoder
+    assert torch.equal(first.images, second.images)
+    other = attack.reconstruct(client, features, **{**ctx, "cache_key": {**key, "defense": {"name": "topk"}}})
+    assert not other.diagnostics["from_cache"]
+    assert len(list((tmp_path / "attacks").glob("inverse_net-*.pt"))) == 2
+
+
+def test_inverse_net_declares_black_box_knowledge_and_checks_parameters(setting):
+    data, client = setting
+    attack = attacks.get("inverse_net")
+    assert attack.knowledge == {Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS}
+    with pytest.raises(ParameterError, match="epochs"):
+        attacks.get("inverse_net", epochs=-1)
+    with pytest.raises(ParameterError, match="hidden"):
+        attacks.get("inverse_net", hidden=0)
+    with pytest.raises(ValueError, match="auxiliary"):
+        attack.reconstruct(client, client(data.x_test[:2]), image_shape=data.shape)
