@@ -87,6 +87,46 @@ def lfw_faces(size: int = 32, channels: int = 3, test_fraction: float = 0.25, sp
     return _split("lfw_faces", images, labels, size, channels, test_fraction, split_seed, 2, params)
 
 
+#: (image, rows, cols): square crops around the face of the two high-resolution portraits that ship offline
+PORTRAITS = (("skimage:astronaut", slice(20, 210), slice(130, 320)),
+             ("matplotlib:grace_hopper.jpg", slice(110, 360), slice(135, 385)))
+
+
+def _portrait(source: str, rows: slice, cols: slice) -> np.ndarray:
+    """One portrait as (H, W, 3) floats in [0, 1], cropped to the face."""
+    library, name = source.split(":")
+    if library == "skimage":
+        import skimage.data
+        image = getattr(skimage.data, name)()
+    else:
+        import matplotlib.cbook
+        from PIL import Image
+        with Image.open(matplotlib.cbook.get_sample_data(name, asfileobj=False)) as file:
+            image = np.asarray(file.convert("RGB"))
+    return image[rows, cols].astype(np.float64) / 255.0
+
+
+@_registry.register("portraits")
+def portraits(size: int = 64, channels: int = 3) -> Dataset:
+    """Two real high-resolution portraits (scikit-image's astronaut, matplotlib's Grace Hopper), cropped to
+    the face, as the *test* images; the training set is ``lfw_subset`` (100 faces, label 1, and 100
+    non-faces), so the target model has seen faces but never these two people."""
+    from skimage.color import rgb2gray
+    from skimage.data import lfw_subset
+
+    check_number("size", size, low=8, high=512, integer=True)
+    check_number("channels", channels, low=1, high=3, integer=True)
+    faces = [_portrait(*spec) for spec in PORTRAITS]
+    x_test = torch.cat([_to_tensor(rgb2gray(f)[None], size, channels) if channels != 3 else
+                        F.interpolate(torch.as_tensor(f, dtype=torch.float32).permute(2, 0, 1)[None],
+                                      size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+                        for f in faces])
+    x_train = _to_tensor(lfw_subset(), size, channels)
+    y_train = torch.as_tensor([1] * 100 + [0] * 100, dtype=torch.long)
+    return Dataset("portraits", x_train, y_train, x_test.contiguous(), torch.ones(len(faces), dtype=torch.long), 2,
+                   dict(size=size, channels=channels))
+
+
 def get(name: str, **params: Any) -> Dataset:
     """Load a dataset by name, e.g. ``datasets.get("digits", size=32)``."""
     return _registry.get(name, **params)

@@ -21,6 +21,16 @@ def test_lfw_faces_has_faces_and_non_faces():
     assert set(data.y_train.tolist()) == {0, 1}
 
 
+def test_portraits_are_two_real_faces_tested_against_a_model_trained_on_lfw():
+    data = datasets.get("portraits", size=64)
+    assert data.x_test.shape == (2, 3, 64, 64) and data.y_test.tolist() == [1, 1]
+    assert data.x_train.shape == (200, 3, 64, 64) and data.num_classes == 2
+    assert 0.0 <= float(data.x_test.min()) and float(data.x_test.max()) <= 1.0
+    assert float(data.x_test[:, 0].mean()) != float(data.x_test[:, 2].mean())  # colour, not grey
+    grey = datasets.get("portraits", size=32, channels=1)
+    assert grey.x_test.shape == (2, 1, 32, 32)
+
+
 def test_checkpoint_cache_is_reused(tmp_path):
     config = TrainConfig("resnet20", "digits", epochs=1, batch_size=128)
     first = train(config, tmp_path, progress=False)
