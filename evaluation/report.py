@@ -148,6 +148,10 @@ def _run_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _data_uri(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -181,7 +185,7 @@ def write_report(results: str | Path) -> dict[str, Path]:
         figures=[{"title": FIGURE_TEXT[name][0], "text": FIGURE_TEXT[name][1], "data": _data_uri(made[name][0])}
                  for name in FIGURE_TEXT if name in made],
         missing_figures=missing, cells=_cell_rows(cells),
-        results=result_table(cells).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}"),
+        results=result_table(cells).style.hide(axis="index").format(_number, na_rep="", escape="html").to_html(),
         runs=_run_rows(runs))
     (out / "report.html").write_text(html)
     paths = {"report": out / "report.html", "latex table": out / "table.tex"}
