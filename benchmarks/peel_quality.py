@@ -3,7 +3,8 @@
 Prints a Markdown table (image MSE / PSNR / SSIM, per-block relative error of the recovered block
 inputs, wall time) and writes it as CSV. Run:
 
-    .venv/bin/python benchmarks/peel_quality.py --images 8 --out results/benchmarks/peel_quality.csv
+    .venv/bin/python benchmarks/peel_quality.py --images 16 --architectures resnet20_trained \
+        --out results/benchmarks/peel_quality_resnet20_trained.csv
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ ARCHITECTURES = {
     "resnet18_imagenet_stem_trained": (
         lambda: train(TrainConfig("resnet18", "digits", model_params={"width": 16}, epochs=10),
                       progress=False).model, ["layer1", "layer2"]),
+    # IR blocks: BN-conv-PReLU-conv-BN, no ReLU after the addition (the face backbones' block)
+    "ir18_w16_trained": (lambda: train(TrainConfig("ir18", "digits", model_params={"width": 16}, epochs=10),
+                                       progress=False).model, ["layer1", "layer2"]),
 }
 
 

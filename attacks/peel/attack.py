@@ -33,8 +33,12 @@ class PEEL(Attack):
     target, from the cut back to the image. ``solver="default"`` warm-starts each stage
     (x ≈ y through an identity shortcut, the shortcut's least-squares inverse through a strided
     one), iterates ``x <- y - W2·ReLU(W1·x)`` on identity blocks and polishes with L-BFGS-B under
-    the ReLU-implied bounds; ``solver="paper"`` is the authors' (x, p, n) formulation with their
-    Adam schedule. With ``refine`` the block-wise image starts an end-to-end fit of the image
+    the ReLU-implied bounds (``block_iter`` iterations per block, ``max_iter`` per layer group such
+    as the stem). Few block iterations are on purpose: where a block drops information (the zeros of
+    a ReLU after the addition, a stride) its target is only the next block's estimate, and fitting it
+    exactly amplifies that error along the chain; for the same reason ``prior_weight`` adds a
+    least-norm prior on blocks with a ReLU after the addition. ``solver="paper"`` is the authors'
+    (x, p, n) formulation with their Adam schedule. With ``refine`` the block-wise image starts an end-to-end fit of the image
     through the whole client half (the same objective as rMLE), so PEEL starts where block-wise
     inversion left off rather than from a grey image; with ``also_from_grey`` a second fit from
     rMLE's grey start runs too and the one whose features match the observation better wins (no
@@ -53,12 +57,13 @@ class PEEL(Attack):
 
     def __init__(self, solver: str = "default", refine: bool = True, chaining: str = "honest",
                  max_iter: int = 300, fixed_point_iters: int = 100, refine_iter: int = 500,
-                 tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 0.0,
+                 tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 0.1, block_iter: int = 10,
                  dtype: str = "float64", adaptive: bool = False, tv_prior: float = 5.0):
         self.solver = check_choice("solver", solver, ("default", "paper"))
         self.refine = check_bool("refine", refine)
         self.chaining = check_choice("chaining", chaining, ("honest", "oracle_reset"))
         self.max_iter = check_number("max_iter", max_iter, low=0, integer=True)
+        self.block_iter = check_number("block_iter", block_iter, low=0, integer=True)
         self.fixed_point_iters = check_number("fixed_point_iters", fixed_point_iters, low=0, integer=True)
         self.refine_iter = check_number("refine_iter", refine_iter, low=0, integer=True)
         self.tv_weight = float(check_number("tv_weight", tv_weight, low=0))
@@ -73,7 +78,7 @@ class PEEL(Attack):
     @property
     def params(self) -> dict[str, Any]:
         return {"solver": self.solver, "refine": self.refine, "chaining": self.chaining, "max_iter": self.max_iter,
-                "fixed_point_iters": self.fixed_point_iters, "refine_iter": self.refine_iter,
+                "block_iter": self.block_iter, "fixed_point_iters": self.fixed_point_iters, "refine_iter": self.refine_iter,
                 "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey,
                 "prior_weight": self.prior_weight, "dtype": self.dtype, "adaptive": self.adaptive,
                 "tv_prior": self.tv_prior}
@@ -92,7 +97,8 @@ class PEEL(Attack):
                                          max_iter=self.max_iter)
         if self.solver == "paper":
             return invert_stage_paper(stage, target, lower=lower, upper=upper)
-        return invert_stage(stage, target, lower=lower, upper=upper, max_iter=self.max_iter,
+        return invert_stage(stage, target, lower=lower, upper=upper,
+                            max_iter=self.block_iter if stage.kind == "block" else self.max_iter,
                             fixed_point_iters=self.fixed_point_iters, prior_weight=self.prior_weight)
 
     def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
