@@ -11,7 +11,7 @@ from evaluation.config import Cell
 from evaluation.eval_classifier import EvaluationClassifier, evaluation_architecture, get_evaluation_classifier
 from evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
 from splitnn.datasets import Dataset
-from splitnn.training import config_hash
+from splitnn.training import TrainConfig, config_hash
 
 
 class Evaluators:
@@ -24,16 +24,26 @@ class Evaluators:
         self._lpips: dict[tuple[str, str], LPIPS] = {}
 
     @staticmethod
-    def classifier_key(cell: Cell) -> str:
+    def train_params(cell: Cell) -> dict[str, Any]:
+        """The recipe of the cell's evaluation classifier: the target's, except that an untrained target
+        (``epochs: 0``, random weights) still gets a trained judge (TrainConfig's default epochs)."""
+        params = dict(cell["train"])
+        if params.get("epochs") == 0:
+            params["epochs"] = TrainConfig.__dataclass_fields__["epochs"].default
+        return params
+
+    @classmethod
+    def classifier_key(cls, cell: Cell) -> str:
         """Cells with equal keys share one evaluation classifier."""
-        return config_hash({"dataset": cell["dataset"], "target": cell["model"]["name"], "train": cell["train"]})
+        return config_hash({"dataset": cell["dataset"], "target": cell["model"]["name"],
+                            "train": cls.train_params(cell)})
 
     def classifier(self, cell: Cell, data: Dataset) -> EvaluationClassifier:
         """The cell's evaluation classifier, trained with the target's recipe (or loaded from the cache)."""
         key = self.classifier_key(cell)
         if key not in self._classifiers:
             self._classifiers[key] = get_evaluation_classifier(data, self.cache_dir, cell["model"]["name"],
-                                                               self.progress, train_params=dict(cell["train"]))
+                                                               self.progress, train_params=self.train_params(cell))
         return self._classifiers[key]
 
     def lpips(self, weights: str, net: str) -> LPIPS:

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation.metrics import IMAGE_METRICS  # noqa: E402
-from evaluation.tables import format_params, matrix_table, variant_labels  # noqa: E402
+from evaluation.tables import ROW_GROUPS, format_params, matrix_table, variant_labels  # noqa: E402
 
 #: Axis titles of the metrics figures can plot.
 METRIC_TITLES = {"psnr": "PSNR (dB), higher = more leakage", "attack_top1": "attack top-1 accuracy",
@@ -80,7 +80,7 @@ def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), squeeze=False, sharey=True)
     for ax, attack in zip(axes[0], attacks):
         here = done[done["attack_label"] == attack]
-        group = [k for k in ("cut", "seed") if cells[k].nunique() > 1]
+        group = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1]
         for key, line in here.groupby(group + ["defense"], sort=False):
             low = (line[metric] - line.get(f"{metric}_ci_low", line[metric])).clip(lower=0).fillna(0)
             high = (line.get(f"{metric}_ci_high", line[metric]) - line[metric]).clip(lower=0).fillna(0)
@@ -105,7 +105,7 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
         return []
     table = matrix_table(cells, {metric: metric})
     columns = list(table.attrs["metrics"])
-    rows = [" ".join(str(r[k]) for k in ("cut", "seed", "defense", "strength") if k in table and str(r[k]))
+    rows = [" ".join(str(r[k]) for k in (*ROW_GROUPS, "defense", "strength") if k in table and str(r[k]))
             for _, r in table.iterrows()]
     values = table[columns].astype(float).to_numpy()
     fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 3, 0.5 * len(rows) + 1.5))
@@ -129,10 +129,12 @@ def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     """PEEL's relative error of each block's recovered input (``true_input_error``) along the client, input to
     cut, one line per PEEL cell. Returns [] when no PEEL cell carries it (it needs the true images)."""
     lines = []
+    several_models = "model" in cells and cells["model"].nunique() > 1
     for _, c in cells[(cells["attack"] == "peel") & (cells["status"] == "done")].iterrows():
         stages = json.loads(c["diagnostics_json"] or "{}").get("attack", {}).get("stages", [])
         if stages and all("true_input_error" in s for s in stages):
-            label = f"{c['cut']} {c['defense']} {format_params(c['defense_params'])}".strip()
+            model = f"{c['model']} " if several_models else ""
+            label = f"{model}{c['cut']} {c['defense']} {format_params(c['defense_params'])}".strip()
             lines.append((label, [s.get("stage", str(i)) for i, s in enumerate(stages)],
                           [s["true_input_error"] for s in stages]))
     if not lines:

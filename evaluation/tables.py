@@ -57,6 +57,8 @@ def to_markdown(cells: pd.DataFrame) -> str:
 MATRIX_METRICS: dict[str, str] = {"psnr": "PSNR (dB)", "attack_top1": "attack top-1"}
 #: A defense competes for "best" only if its accuracy is at most this far below the undefended model's.
 ACCURACY_TOLERANCE = 0.05
+#: What else tells rows apart when a store holds several of it (each group has its own undefended reference).
+ROW_GROUPS = ("model", "cut", "seed")
 #: Defense names that mean "no defense" (the reference row, never marked best).
 UNDEFENDED = ("none",)
 
@@ -74,14 +76,14 @@ def variant_labels(cells: pd.DataFrame, name: str, params: str) -> pd.Series:
 
 
 def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per defense (and strength; per cut and seed when there are several), its accuracy and guarantee,
+    """One row per defense (and strength; per model, cut and seed when there are several), its accuracy and guarantee,
     then per attack the mean of each metric (NaN when the cell is not done or the store lacks the metric).
 
     ``attrs["status"]`` maps (row, column) to ``failed`` / ``not_applicable`` for cells without a value."""
     metrics = metrics or MATRIX_METRICS
     cells = cells.copy()
     cells["attack_label"] = variant_labels(cells, "attack", "attack_params")
-    keys = [k for k in ("cut", "seed") if cells[k].nunique() > 1] + ["defense", "strength"]
+    keys = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1] + ["defense", "strength"]
     cells["strength"] = cells["defense_params"].map(format_params)
     rows: dict[tuple, dict] = {}
     status: dict[tuple[int, str], str] = {}
@@ -104,32 +106,31 @@ def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
     return table
 
 
-def best_rows(table: pd.DataFrame, tolerance: float = ACCURACY_TOLERANCE) -> dict[str, int]:
-    """Per metric column of ``matrix_table``, the row of the best defense: the least leakage (direction from
-    ``IMAGE_METRICS``) among the defended rows whose accuracy is within ``tolerance`` of the undefended row's
-    (of the same cut and seed, when there are several); no entry when no defended row qualifies."""
-    group = [k for k in ("cut", "seed") if k in table]
-    undefended = table[table["defense"].isin(UNDEFENDED)]
-    best: dict[str, int] = {}
+def best_rows(table: pd.DataFrame, tolerance: float = ACCURACY_TOLERANCE) -> dict[str, list[int]]:
+    """Per metric column of ``matrix_table``, the rows of the best defenses, one per model/cut/seed group (one
+    in all when the table has a single group): the least leakage (direction from ``IMAGE_METRICS``) among the
+    group's defended rows whose accuracy is within ``tolerance`` of its undefended row's (any accuracy when
+    the group has no undefended row). A group without a qualifying row has no entry."""
+    keys = [k for k in ROW_GROUPS if k in table]
+    groups = [group.index for _, group in table.groupby(keys, sort=False)] if keys else [table.index]
+    best: dict[str, list[int]] = {}
     for column, metric in table.attrs.get("metrics", {}).items():
-        candidates = table[~table["defense"].isin(UNDEFENDED) & table[column].notna()]
-        keep = []
-        for index, row in candidates.iterrows():
-            reference = undefended
-            for k in group:
-                reference = reference[reference[k] == row[k]]
-            floor = reference["accuracy"].max() - tolerance if reference["accuracy"].notna().any() else None
-            if floor is None or (pd.notna(row["accuracy"]) and row["accuracy"] >= floor):
-                keep.append(index)
-        if keep:
-            values = candidates.loc[keep, column].astype(float)
-            best[column] = int(values.idxmin() if IMAGE_METRICS[metric] else values.idxmax())  # least leakage
+        for rows in groups:
+            group = table.loc[rows]
+            reference = group.loc[group["defense"].isin(UNDEFENDED), "accuracy"].dropna()
+            candidates = group[~group["defense"].isin(UNDEFENDED) & group[column].notna()]
+            if not reference.empty:
+                candidates = candidates[candidates["accuracy"] >= reference.max() - tolerance]
+            if not candidates.empty:
+                values = candidates[column].astype(float)
+                best.setdefault(column, []).append(  # least leakage
+                    int(values.idxmin() if IMAGE_METRICS[metric] else values.idxmax()))
     return best
 
 
 def best_caption(tolerance: float = ACCURACY_TOLERANCE) -> str:
     """What the marked entries mean, for captions."""
-    return (f"Marked: per column, the defense that leaks least (lowest PSNR, lowest attack accuracy) among those "
+    return (f"Marked: per column (and model, cut and seed, when there are several), the defense that leaks least (lowest PSNR, lowest attack accuracy) among those "
             f"whose accuracy is within {tolerance * 100:g} percentage points of the undefended model's. "
             f"n/a: the attack does not apply; failed: the cell failed (see the report); "
             f"--: metric not in the store.")
@@ -145,7 +146,7 @@ def _display(table: pd.DataFrame, bold) -> pd.DataFrame:
                 state = table.attrs["status"].get((index, column))
                 text = {"failed": "failed", "not_applicable": "n/a"}.get(state, "--") if pd.isna(value) \
                     else f"{value:.3g}" if table.attrs["metrics"][column] != "psnr" else f"{value:.1f}"
-                shown.at[index, column] = bold(text) if best.get(column) == index else text
+                shown.at[index, column] = bold(text) if index in best.get(column, []) else text
             elif column == "accuracy":
                 shown.at[index, column] = "--" if pd.isna(value) else f"{value:.3f}"
             else:
@@ -166,8 +167,8 @@ def matrix_styler(cells: pd.DataFrame, escape: str = "latex") -> "pd.io.formats.
     table = matrix_table(cells)
     shown = _display(table, lambda text: text)
     styler = shown.style.hide(axis="index").format(escape=escape).format_index(escape=escape, axis=1)
-    for column, index in best_rows(table).items():
-        styler = styler.map(lambda _: "font-weight: bold;", subset=pd.IndexSlice[[index], [column]])
+    for column, indices in best_rows(table).items():
+        styler = styler.map(lambda _: "font-weight: bold;", subset=pd.IndexSlice[indices, [column]])
     return styler
 
 

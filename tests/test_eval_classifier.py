@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from evaluation import Matrix, ResultStore, load_config
-from evaluation.config import ConfigError
+from evaluation.config import ConfigError, ExperimentConfig
 from evaluation.eval_classifier import evaluation_architecture, get_evaluation_classifier
 from evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
 from splitnn import datasets
@@ -132,3 +132,17 @@ def test_lpips_in_the_matrix_from_a_config_path(tmp_path, squeeze_weights):
         Matrix(load_config(_write(tmp_path, text)), progress=False).run(store)
         images = store.images()
     assert images.lpips.notna().all() and (images.lpips > 0).all()
+
+
+def test_an_untrained_target_still_gets_a_trained_judge_shared_with_its_trained_sibling():
+    from evaluation.evaluators import Evaluators
+    from test_config_models import BASE
+
+    trained, untrained = ExperimentConfig({**BASE, "model": [
+        "resnet20", {"name": "resnet20", "params": {"norm": "none"}, "train": {"epochs": 0}}]}).cells()
+    assert Evaluators.train_params(untrained)["epochs"] == 15  # TrainConfig's default
+    assert Evaluators.train_params(trained)["epochs"] == 3
+    assert Evaluators.classifier_key(untrained) != Evaluators.classifier_key(trained)  # 15 epochs vs 3
+    same_recipe = ExperimentConfig({**BASE, "train": {"epochs": 15}, "model": [
+        "resnet20", {"name": "resnet20", "train": {"epochs": 0}}]}).cells()
+    assert Evaluators.classifier_key(same_recipe[0]) == Evaluators.classifier_key(same_recipe[1])
