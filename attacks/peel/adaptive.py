@@ -120,7 +120,9 @@ class DefenseReading:
             def masked(x: torch.Tensor) -> torch.Tensor:
                 z = pre_relu(x)
                 zero = torch.zeros_like(z)
-                loss = 0.5 * torch.where(released, z - target, zero).pow(2).sum()
+                # a released zero of a ReLU output only says z <= 0 (e.g. in the channels pruning keeps)
+                fit = torch.where(target > 0, z - target, z.clamp_min(0))
+                loss = 0.5 * torch.where(released, fit, zero).pow(2).sum()
                 if threshold is not None:  # f <= t  <=>  z <= t, for t >= 0
                     loss = loss + 0.5 * torch.where(released, zero, (z - threshold).clamp_min(0)).pow(2).sum()
                 return loss
