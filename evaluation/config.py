@@ -64,7 +64,7 @@ class Cell:
         def fmt(part: dict[str, Any]) -> str:
             params = ", ".join(f"{k}={v}" for k, v in part["params"].items())
             return f"{part['name']}({params})" if params else part["name"]
-        return f"{model_label(self.config)} | {self.config['cut']} | {fmt(self.config['defense'])} | " \
+        return f"{self.config['dataset']['name']} | {model_label(self.config)} | {self.config['cut']} | {fmt(self.config['defense'])} | " \
                f"{fmt(self.config['attack'])} | seed {self.config['seed']}"
 
 
@@ -151,7 +151,8 @@ class ExperimentConfig:
         self.name = str(raw.get("name", Path(source).stem))
         self.seeds = [check_number(f"seed[{i}]", s, low=0, integer=True)
                       for i, s in enumerate(_as_list(raw.get("seed", 0), "seed"))]
-        self.dataset = _named(raw["dataset"], "dataset")
+        self.datasets = [_named(d, f"dataset[{i}]" if isinstance(raw["dataset"], list) else "dataset")
+                         for i, d in enumerate(_as_list(raw["dataset"], "dataset"))]
         self.train = self._section(raw.get("train") or {}, "train", TRAIN_KEYS)
         # One model, or a list of them; an entry may override ``train`` (e.g. ``epochs: 0``: random weights).
         self.models = [self._model_entry(m, f"model[{i}]" if isinstance(raw["model"], list) else "model")
@@ -173,6 +174,11 @@ class ExperimentConfig:
             train = self._section(value["train"] or {}, f"{key}.train", TRAIN_KEYS)
             value = {k: v for k, v in value.items() if k != "train"}
         return {**_named(value, key), "train": {**self.train, **train}, "yaml_key": key}
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """The first (usually only) dataset."""
+        return self.datasets[0]
 
     @property
     def model(self) -> dict[str, Any]:
@@ -208,12 +214,16 @@ class ExperimentConfig:
     def _validate(self) -> None:
         """Build everything once (cheaply) so every bad key fails now; resolve defaults into the config
         so that a cell's hash covers its full configuration."""
-        data = _build(datasets.get, self.dataset, "dataset")
-        self.dataset["params"] = dict(data.params)
+        shapes = []
+        for i, spec in enumerate(self.datasets):
+            data = _build(datasets.get, spec, f"dataset[{i}]" if len(self.datasets) > 1 else "dataset")
+            spec["params"] = dict(data.params)
+            shapes.append((data.num_classes, data.in_channels))
         for entry in self.models:
             key = entry.pop("yaml_key")
-            model_params = {"num_classes": data.num_classes, "in_channels": data.in_channels, **entry["params"]}
-            model = _build(zoo.get, {"name": entry["name"], "params": model_params}, key)
+            for num_classes, in_channels in sorted(set(shapes)):
+                model_params = {"num_classes": num_classes, "in_channels": in_channels, **entry["params"]}
+                model = _build(zoo.get, {"name": entry["name"], "params": model_params}, key)
             train_key = f"{key}.train" if entry["train"] != self.train else "train"
             try:
                 train = TrainConfig(model=entry["name"], dataset=self.dataset["name"], **entry["train"])
@@ -231,19 +241,12 @@ class ExperimentConfig:
                 spec["params"] = dict(_build(registry, spec, key, paths).params)
 
     def cells(self) -> list[Cell]:
-        """The grid: every seed x model x cut x defense x attack, in that nesting order."""
-        cells = []
-        for seed in self.seeds:
-            for entry in self.models:
-                model = {"name": entry["name"], "params": entry["params"]}
-                for cut in self.cuts:
-                    for defense in self.defenses:
-                        for attack in self.attacks:
-                            cells.append(Cell({
-                                "dataset": self.dataset, "model": model, "train": entry["train"], "cut": cut,
-                                "defense": defense, "attack": attack, "seed": seed,
-                                "evaluation": self.evaluation}))
-        return cells
+        """The grid: every seed x dataset x model x cut x defense x attack, in that nesting order."""
+        return [Cell({"dataset": dataset, "model": {"name": entry["name"], "params": entry["params"]},
+                      "train": entry["train"], "cut": cut, "defense": defense, "attack": attack, "seed": seed,
+                      "evaluation": self.evaluation})
+                for seed in self.seeds for dataset in self.datasets for entry in self.models
+                for cut in self.cuts for defense in self.defenses for attack in self.attacks]
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
