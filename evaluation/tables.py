@@ -177,7 +177,9 @@ def matrix_latex(cells: pd.DataFrame, caption: str | None = None, label: str = "
     per column in bold, special characters escaped."""
     styler = matrix_styler(cells, "latex")
     return styler.to_latex(hrules=True, caption=caption or best_caption(), label=label, convert_css=True,
-                           position_float="centering", column_format="l" * len(styler.data.columns))
+                           position_float="centering",  # text columns left, numbers right
+                           column_format="".join("l" if c in (*ROW_GROUPS, "defense", "strength", "guarantee")
+                                                 else "r" for c in styler.data.columns))
 
 
 def matrix_html(cells: pd.DataFrame) -> str:
