@@ -28,8 +28,9 @@ def test_inverse_net_beats_the_mean_image_on_held_out_images(setting, name, para
     with torch.no_grad():
         features = defenses.get(name, **params)(client(x))
     aux = auxiliary_split(data, seed=0)
-    rec = attacks.get("inverse_net", epochs=8).reconstruct(
-        client, features, image_shape=data.shape, auxiliary=aux, query=query_oracle(client, defenses.get(name, **params), 0))
+    query = query_oracle(client, defenses.get(name, **params), 0)
+    rec = attacks.get("inverse_net", epochs=8).reconstruct(client, features, image_shape=data.shape, auxiliary=aux,
+                                                           query=query)
     baseline = _mse(aux[0].mean(dim=0, keepdim=True).expand_as(x), x)
     assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
     assert _mse(rec.images, x) < 0.5 * baseline

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from attacks.optim import FitResult, fit_input
+from attacks.optim import FitResult, fit_input, relu_violation
 from attacks.peel.solver import warm_start
 from attacks.peel.stages import Stage
 from attacks.rmle import total_variation
@@ -239,8 +239,9 @@ def _quantization(params: dict[str, Any], y: torch.Tensor) -> DefenseReading:
         low, high = y - half, y + half
     # The rounding error is uniform in the bin (std width/sqrt(12)): the TV prior's weight follows from it.
     sigma = _per_sample((high - low).flatten(1).amin(dim=1) / math.sqrt(12.0), y)
-    return DefenseReading("quantization", "quantized", f"{bits}-bit bins: distance to the bin centre plus a penalty "
-                          "outside the bin, TV prior weighted by the rounding error's variance", y, low=low, high=high, sigma=sigma)
+    note = (f"{bits}-bit bins: distance to the bin centre plus a penalty outside the bin, TV prior weighted by the "
+            "rounding error's variance")
+    return DefenseReading("quantization", "quantized", note, y, low=low, high=high, sigma=sigma)
 
 
 # ---------------------------------------------------------------- the fits
@@ -252,13 +253,10 @@ def invert_stage_adaptive(stage: Stage, target: torch.Tensor, reading: DefenseRe
     values; behind a noisy cut, a least squares pulled toward the warm start with weight s² (noise
     propagates back through the stages)."""
     start = time.perf_counter()
+    seen = target  # noise: the noisy values; quantization: the bin centres
     if at_cut and reading.kind == "masked":
         assert reading.mask is not None
         seen = torch.where(reading.mask, target / reading.scale, torch.zeros_like(target))
-    elif at_cut and reading.kind == "quantized":
-        seen = target  # the bin centres
-    else:
-        seen = target
     x0 = warm_start(stage, seen, lower, upper)
     if at_cut:  # the target is the observed features themselves
         data_loss = reading.data_loss(stage.forward, stage.pre_relu)
@@ -271,7 +269,8 @@ def invert_stage_adaptive(stage: Stage, target: torch.Tensor, reading: DefenseRe
     fit = fit_input(stage.forward, target, x0, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
                     regulariser=regulariser)
     return fit.x, {"stage": stage.name, "kind": "adaptive " + reading.kind, "fixed_point_iterations": 0,
-                   "lbfgs_iterations": fit.iterations, "residual": fit.residual, "constraint_violation": 0.0,
+                   "lbfgs_iterations": fit.iterations, "residual": fit.residual,
+                   "constraint_violation": relu_violation(stage.pre_relu, fit.x, seen) if stage.pre_relu else 0.0,
                    "seconds": time.perf_counter() - start}
 
 
