@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 import torch
@@ -12,28 +13,60 @@ from evaluation import figures
 from evaluation.config import Cell
 from evaluation.store import ResultStore
 from evaluation.tables import matrix_latex, to_markdown
+from splitnn import datasets
+from splitnn.datasets import Dataset
 
 if TYPE_CHECKING:
     from evaluation.runner import Matrix
 
-#: The figures every run and report writes (when their data exist), by name -> file stem.
+#: The figures every run and report writes (when their data exist), by name -> file stem; the reconstruction
+#: grid is ``reconstructions``, or ``reconstructions_<i>_<dataset>`` per dataset when the cells use several.
 FIGURES = {"privacy_utility_psnr": "privacy_utility_psnr", "privacy_utility_attack_top1":
-           "privacy_utility_attack_top1", "heatmap_psnr": "heatmap_psnr", "peel_depth": "peel_depth",
-           "reconstructions": "reconstructions"}
+           "privacy_utility_attack_top1", "heatmap_psnr": "heatmap_psnr", "peel_depth": "peel_depth"}
 
 
-def reconstruction_rows(store: ResultStore, cells: pd.DataFrame) -> list[tuple[str, torch.Tensor]]:
-    """(label, reconstructed images) of every cell of ``cells`` that has its reconstructions stored."""
-    rows = []
-    for key, config in zip(cells["cell_key"], cells["config_json"]):
+@dataclass
+class Grid:
+    """One dataset's original test images (None when they could not be loaded: ``problem`` says why) and the
+    (label, reconstructed images) of each of its cells."""
+
+    dataset: str
+    originals: torch.Tensor | None
+    rows: list[tuple[str, torch.Tensor]]
+    problem: str | None = None
+
+
+def _load_dataset(config: dict[str, Any]) -> Dataset:
+    return datasets.get(config["dataset"]["name"], **config["dataset"]["params"])
+
+
+def reconstruction_grids(store: ResultStore, cells: pd.DataFrame,
+                         load: Callable[[dict[str, Any]], Dataset] = _load_dataset) -> list[Grid]:
+    """One Grid per dataset among the cells that have their reconstructions stored; ``load(cell config)``
+    gives the cell's dataset (the Matrix passes its cache)."""
+    groups: dict[str, tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]] = {}
+    for key, text in zip(cells["cell_key"], cells["config_json"]):
         images = store.reconstruction(key)
         if images is not None:
-            rows.append((Cell(json.loads(config)).short_label(), images))
-    return rows
+            config = json.loads(text)
+            group = groups.setdefault(json.dumps(config["dataset"], sort_keys=True), (config, []))
+            group[1].append((Cell(config).short_label(), images))
+    grids = []
+    for config, rows in groups.values():
+        try:
+            originals, problem = load(config).x_test[:config["evaluation"]["num_images"]], None
+        except Exception as exc:  # an old or foreign config must not stop the other outputs
+            originals, problem = None, f"the original images could not be loaded ({type(exc).__name__}: {exc})"
+        grids.append(Grid(config["dataset"]["name"], originals, rows, problem))
+    return grids
 
 
-def write_figures(cells: pd.DataFrame, out: Path, originals: torch.Tensor | None = None,
-                  rows: list[tuple[str, torch.Tensor]] | None = None) -> dict[str, list[Path]]:
+def grid_name(grids: list[Grid], index: int) -> str:
+    """``reconstructions`` for a single grid, else ``reconstructions_<i>_<dataset>``."""
+    return "reconstructions" if len(grids) == 1 else f"reconstructions_{index + 1}_{grids[index].dataset}"
+
+
+def write_figures(cells: pd.DataFrame, out: Path, grids: list[Grid] | None = None) -> dict[str, list[Path]]:
     """Every figure the data allow, as ``out/<name>.png`` and ``.pdf``; a figure whose data are missing (e.g.
     attack accuracy in a store written before the evaluation classifier) is left out of the result."""
     made = {
@@ -43,10 +76,11 @@ def write_figures(cells: pd.DataFrame, out: Path, originals: torch.Tensor | None
         "heatmap_psnr": figures.leakage_heatmap(cells, out / FIGURES["heatmap_psnr"]),
         "peel_depth": figures.peel_depth_profile(cells, out / FIGURES["peel_depth"]),
     }
-    if originals is not None and rows:
-        stem = out / FIGURES["reconstructions"]
-        made["reconstructions"] = [figures.reconstruction_grid(originals, rows, stem.with_suffix(suffix))
-                                   for suffix in (".png", ".pdf")]
+    for index, grid in enumerate(grids or []):
+        if grid.originals is not None and grid.rows:
+            stem = out / grid_name(grids, index)
+            made[stem.name] = [figures.reconstruction_grid(grid.originals, grid.rows, stem.with_suffix(suffix))
+                               for suffix in (".png", ".pdf")]
     return {name: paths for name, paths in made.items() if paths}
 
 
@@ -59,8 +93,7 @@ def write_outputs(store: ResultStore, matrix: "Matrix", out: Path) -> dict[str, 
     (out / "table.tex").write_text(matrix_latex(frame) + "\n")
     paths = {"table_text": text, "store": str(store.path), "table": str(out / "table.md"),
              "latex table": str(out / "table.tex")}
-    originals = matrix.dataset(cells[0]).x_test[:cells[0]["evaluation"]["num_images"]]
-    made = write_figures(frame, out, originals, reconstruction_rows(store, frame))
+    made = write_figures(frame, out, reconstruction_grids(store, frame, lambda c: matrix.dataset(Cell(c))))
     if "reconstructions" in made:
         paths["grid"] = str(made.pop("reconstructions")[0])
     paths.update({f"figure {name}": ", ".join(str(p) for p in found) for name, found in made.items()})

@@ -11,17 +11,14 @@ from typing import Any
 
 import jinja2
 import pandas as pd
-import torch
-
 from evaluation.config import Cell
 from evaluation.eval_classifier import CLASSIFIER_METRICS
 from evaluation.export import find_store
 from evaluation.metrics import IMAGE_METRICS
-from evaluation.outputs import reconstruction_rows, write_figures
+from evaluation.outputs import reconstruction_grids, write_figures
 from evaluation.perceptual import LPIPS_UNAVAILABLE
 from evaluation.store import ResultStore
 from evaluation.tables import best_caption, matrix_html, matrix_latex, result_table
-from splitnn import datasets
 
 #: Title and one-line description of each figure, in report order.
 FIGURE_TEXT = {
@@ -89,16 +86,6 @@ def _utc(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _originals(cells: pd.DataFrame) -> tuple[torch.Tensor | None, str | None]:
-    """The test images the cells attacked (from the first cell's dataset config), or None and why not."""
-    try:
-        config = json.loads(cells["config_json"].iloc[0])
-        data = datasets.get(config["dataset"]["name"], **config["dataset"]["params"])
-        return data.x_test[:config["evaluation"]["num_images"]], None
-    except Exception as exc:  # an old or foreign config must not stop the report
-        return None, f"The reconstruction grid is missing: the original images could not be loaded ({exc})."
-
-
 def unavailable_metrics(cells: pd.DataFrame) -> dict[str, str]:
     """Each per-image metric that no done cell has, with the reason (from the cells' diagnostics when they
     recorded one)."""
@@ -152,8 +139,18 @@ def _number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _data_uri(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
+def _figure_order(made: dict[str, list[Path]]) -> list[str]:
+    """FIGURE_TEXT's order, the reconstruction grids (one per dataset) last."""
+    grids = [name for name in made if name.startswith("reconstructions")]
+    return [name for name in FIGURE_TEXT if name in made and name not in grids] + grids
+
+
+def _figure(name: str, path: Path) -> dict[str, str]:
+    """Title, description and the PNG as base64 of one figure; per-dataset grids are named by dataset."""
+    title, text = FIGURE_TEXT.get(name, FIGURE_TEXT["reconstructions"])
+    if name != "reconstructions" and name.startswith("reconstructions"):
+        title += f" ({name.split('_', 2)[2]})"
+    return {"title": title, "text": text, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
 def write_report(results: str | Path) -> dict[str, Path]:
@@ -165,12 +162,11 @@ def write_report(results: str | Path) -> dict[str, Path]:
         cells, runs = store.cells(), store.runs()
         if cells.empty:
             raise RuntimeError(f"{db} has no cells yet: run `leakbench run` first")
-        rows = reconstruction_rows(store, cells)
-    originals, grid_problem = _originals(cells) if rows else (None, None)
-    made = write_figures(cells, out, originals, rows)
+        grids = reconstruction_grids(store, cells)
+    made = write_figures(cells, out, grids)
     (out / "table.tex").write_text(matrix_latex(cells) + "\n")
 
-    missing = [grid_problem] if grid_problem else []
+    missing = [f"No reconstruction grid for {g.dataset}: {g.problem}." for g in grids if g.problem]
     for name in ("privacy_utility_attack_top1", "peel_depth"):
         if name not in made:
             missing.append(f"No figure “{FIGURE_TEXT[name][0]}”: "
@@ -182,8 +178,7 @@ def write_report(results: str | Path) -> dict[str, Path]:
         store=str(db), written=_utc(datetime.datetime.now(datetime.timezone.utc).timestamp()),
         counts=", ".join(f"{n} {STATUS_TEXT.get(s, s)}" for s, n in counts.items()),
         matrix=matrix_html(cells), caption=best_caption(), unavailable=unavailable_metrics(cells),
-        figures=[{"title": FIGURE_TEXT[name][0], "text": FIGURE_TEXT[name][1], "data": _data_uri(made[name][0])}
-                 for name in FIGURE_TEXT if name in made],
+        figures=[_figure(name, made[name][0]) for name in _figure_order(made)],
         missing_figures=missing, cells=_cell_rows(cells),
         results=result_table(cells).style.hide(axis="index").format(_number, na_rep="", escape="html").to_html(),
         runs=_run_rows(runs))

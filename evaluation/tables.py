@@ -58,7 +58,7 @@ MATRIX_METRICS: dict[str, str] = {"psnr": "PSNR (dB)", "attack_top1": "attack to
 #: A defense competes for "best" only if its accuracy is at most this far below the undefended model's.
 ACCURACY_TOLERANCE = 0.05
 #: What else tells rows apart when a store holds several of it (each group has its own undefended reference).
-ROW_GROUPS = ("model", "cut", "seed")
+ROW_GROUPS = ("dataset", "model", "cut", "seed")
 #: Defense names that mean "no defense" (the reference row, never marked best).
 UNDEFENDED = ("none",)
 
@@ -76,8 +76,9 @@ def variant_labels(cells: pd.DataFrame, name: str, params: str) -> pd.Series:
 
 
 def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per defense (and strength; per model, cut and seed when there are several), its accuracy and guarantee,
-    then per attack the mean of each metric (NaN when the cell is not done or the store lacks the metric).
+    """One row per defense (and strength; per dataset, model, cut and seed when there are several), its accuracy
+    and guarantee, then per attack the mean of each metric (NaN when the cell is not done or the store lacks
+    the metric).
 
     ``attrs["status"]`` maps (row, column) to ``failed`` / ``not_applicable`` for cells without a value."""
     metrics = metrics or MATRIX_METRICS
@@ -107,7 +108,7 @@ def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
 
 
 def best_rows(table: pd.DataFrame, tolerance: float = ACCURACY_TOLERANCE) -> dict[str, list[int]]:
-    """Per metric column of ``matrix_table``, the rows of the best defenses, one per model/cut/seed group (one
+    """Per metric column of ``matrix_table``, the rows of the best defenses, one per dataset/model/cut/seed group (one
     in all when the table has a single group): the least leakage (direction from ``IMAGE_METRICS``) among the
     group's defended rows whose accuracy is within ``tolerance`` of its undefended row's (any accuracy when
     the group has no undefended row). A group without a qualifying row has no entry."""
@@ -130,8 +131,9 @@ def best_rows(table: pd.DataFrame, tolerance: float = ACCURACY_TOLERANCE) -> dic
 
 def best_caption(tolerance: float = ACCURACY_TOLERANCE) -> str:
     """What the marked entries mean, for captions."""
-    return (f"Marked: per column (and model, cut and seed, when there are several), the defense that leaks least (lowest PSNR, lowest attack accuracy) among those "
-            f"whose accuracy is within {tolerance * 100:g} percentage points of the undefended model's. "
+    return (f"Marked: per column (and dataset, model, cut and seed, when there are several), the defense that "
+            f"leaks least (lowest PSNR, lowest attack accuracy) among those whose accuracy is within "
+            f"{tolerance * 100:g} percentage points of the undefended model's. "
             f"n/a: the attack does not apply; failed: the cell failed (see the report); "
             f"--: metric not in the store.")
 

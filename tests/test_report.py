@@ -164,3 +164,26 @@ def test_report_images_render_in_headless_chromium(tiny_run):
     assert len(images) >= 3 and all(done and width > 0 for done, width in images)
     assert outside == []  # nothing fetched from anywhere but the file itself
     assert {"Figures", "Cells", "Provenance"} <= set(headings)
+
+
+def test_one_reconstruction_grid_per_dataset_and_a_reason_when_one_cannot_load(tmp_path):
+    import torch
+
+    from evaluation import ResultStore, load_config
+    from evaluation.outputs import reconstruction_grids, write_figures
+    from test_cli import GOOD, _write
+
+    base = load_config(_write(tmp_path, GOOD)).cells()[0].config
+    configs = [{**base, "dataset": {"name": "digits", "params": {**base["dataset"]["params"], "size": size}}}
+               for size in (16, 8)] + [{**base, "dataset": {"name": "gone", "params": {}}}]
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        for i, config in enumerate(configs):
+            size = config["dataset"]["params"].get("size", 8)
+            store.write_cell(f"k{i}", "run", config, "done", accuracy=0.5,
+                             reconstruction=torch.rand(2, 3, size, size))
+        grids = reconstruction_grids(store, store.cells())
+        made = write_figures(store.cells(), tmp_path, grids)
+    assert [tuple(g.originals.shape[-2:]) for g in grids[:2]] == [(16, 16), (8, 8)]
+    assert grids[2].originals is None and "gone" in grids[2].problem
+    assert {"reconstructions_1_digits", "reconstructions_2_digits"} <= set(made)
+    assert "reconstructions_3_gone" not in made and _is_png(made["reconstructions_1_digits"][0])
