@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation.metrics import IMAGE_METRICS  # noqa: E402
-from evaluation.tables import ROW_GROUPS, format_params, matrix_table, variant_labels  # noqa: E402
+from evaluation.tables import ROW_GROUPS, distinguishing_params, matrix_table, variant_labels  # noqa: E402
 
 #: Axis titles of the metrics figures can plot.
 METRIC_TITLES = {"psnr": "PSNR (dB), higher = more leakage", "attack_top1": "attack top-1 accuracy",
@@ -77,7 +77,8 @@ def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[
         return []
     done = done.assign(attack_label=variant_labels(done, "attack", "attack_params"))
     attacks = list(dict.fromkeys(done["attack_label"]))
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), squeeze=False, sharey=True)
+    strengths = distinguishing_params(done, "defense", "defense_params")
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.0 * len(attacks), 4.2), squeeze=False, sharey=True)
     for ax, attack in zip(axes[0], attacks):
         here = done[done["attack_label"] == attack]
         group = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1]
@@ -86,14 +87,14 @@ def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[
             high = (line.get(f"{metric}_ci_high", line[metric]) - line[metric]).clip(lower=0).fillna(0)
             label = " ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
             ax.errorbar(line[metric], line["accuracy"], xerr=[low, high], marker="o", capsize=3, label=label)
-            for x, y, params in zip(line[metric], line["accuracy"], line["defense_params"]):
-                if format_params(params):
-                    ax.annotate(format_params(params), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            for x, y, strength in zip(line[metric], line["accuracy"], strengths[line.index]):
+                if strength:  # only what varies along the line; the legend names the defense
+                    ax.annotate(strength, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(attack)
         ax.set_xlabel(METRIC_TITLES.get(metric, metric))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (defended split model)")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over points
     fig.suptitle(f"privacy-utility: accuracy against {metric}", fontsize=10)
     return save(fig, stem)
 
@@ -130,16 +131,19 @@ def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     cut, one line per PEEL cell. Returns [] when no PEEL cell carries it (it needs the true images)."""
     lines = []
     several_models = "model" in cells and cells["model"].nunique() > 1
-    for _, c in cells[(cells["attack"] == "peel") & (cells["status"] == "done")].iterrows():
+    peel = cells[(cells["attack"] == "peel") & (cells["status"] == "done")]
+    variants = variant_labels(peel, "attack", "attack_params")  # e.g. the paper solver beside the default one
+    strengths = distinguishing_params(peel, "defense", "defense_params")
+    for i, c in peel.iterrows():
         stages = json.loads(c["diagnostics_json"] or "{}").get("attack", {}).get("stages", [])
         if stages and all("true_input_error" in s for s in stages):
             model = f"{c['model']} " if several_models else ""
-            label = f"{model}{c['cut']} {c['defense']} {format_params(c['defense_params'])}".strip()
+            label = f"{model}{c['cut']} {c['defense']} {strengths[i]} {variants[i]}".replace("  ", " ").strip()
             lines.append((label, [s.get("stage", str(i)) for i, s in enumerate(stages)],
                           [s["true_input_error"] for s in stages]))
     if not lines:
         return []
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for label, names, errors in lines:
         ax.plot(range(len(errors)), errors, marker="o", label=label)
     names = max((n for _, n, _ in lines), key=len)
@@ -149,5 +153,5 @@ def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     ax.set_ylabel("relative error of the block's recovered input")
     ax.set_title("PEEL: error along the depth of the client", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: never over the lines
     return save(fig, stem)

@@ -63,16 +63,29 @@ ROW_GROUPS = ("dataset", "model", "cut", "seed")
 UNDEFENDED = ("none",)
 
 
-def _variant(name: str, params: str, multiple: bool) -> str:
-    """``name`` or ``name(k=v, ...)`` when the frame holds more than one parameter set of ``name``."""
-    text = format_params(params)
-    return f"{name}({text})" if multiple and text else name
+def distinguishing_params(cells: pd.DataFrame, name: str, params: str) -> pd.Series:
+    """Per row, ``k=v, ...`` of only those parameters whose values differ between the rows of the same ``name``
+    (a defense's strength, an attack's variant); empty when the frame holds one parameter set of the name."""
+    parsed = cells[params].map(lambda text: json.loads(text) if text else {})
+    varying: dict[str, list[str]] = {}
+    for value, group in parsed.groupby(cells[name], sort=False):
+        keys = list(dict.fromkeys(k for p in group for k in p))
+        varying[value] = [k for k in keys if len({json.dumps(p.get(k)) for p in group}) > 1]
+    return pd.Series([", ".join(f"{k}={p.get(k)}" for k in varying[n]) for n, p in zip(cells[name], parsed)],
+                     index=cells.index)
 
 
 def variant_labels(cells: pd.DataFrame, name: str, params: str) -> pd.Series:
-    """Per row, the ``name`` column's value, with its parameters when the frame holds several sets of them."""
-    counts = cells.groupby(name)[params].nunique()
-    return pd.Series([_variant(n, p, counts[n] > 1) for n, p in zip(cells[name], cells[params])], index=cells.index)
+    """Per row, the ``name`` column's value, with the parameters that tell its variants apart when the frame
+    holds several sets of them, e.g. ``peel(solver=paper, refine=False)``."""
+    which = distinguishing_params(cells, name, params)
+    return pd.Series([f"{n}({w})" if w else n for n, w in zip(cells[name], which)], index=cells.index)
+
+
+def strength_labels(cells: pd.DataFrame) -> pd.Series:
+    """A defense's strength: the parameters that differ between its rows, or all of them when it has one row."""
+    which = distinguishing_params(cells, "defense", "defense_params")
+    return pd.Series([w or format_params(p) for w, p in zip(which, cells["defense_params"])], index=cells.index)
 
 
 def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> pd.DataFrame:
@@ -85,7 +98,7 @@ def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
     cells = cells.copy()
     cells["attack_label"] = variant_labels(cells, "attack", "attack_params")
     keys = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1] + ["defense", "strength"]
-    cells["strength"] = cells["defense_params"].map(format_params)
+    cells["strength"] = strength_labels(cells)
     rows: dict[tuple, dict] = {}
     status: dict[tuple[int, str], str] = {}
     for _, c in cells.iterrows():
