@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from splitnn.errors import ParameterError
 
@@ -48,30 +49,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from evaluation.export import export
-
+def _write_and_list(write: Callable[[], dict[str, str]]) -> int:
+    """Run a command that writes files from a results folder; print what it wrote, or why it could not."""
     try:
-        paths = export(args.results, args.format, args.out)
+        paths = write()
     except RuntimeError as exc:
         print(f"leakbench: {exc}", file=sys.stderr)
         return 1
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from evaluation.export import export
+
+    return _write_and_list(lambda: export(args.results, args.format, args.out))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from evaluation.report import write_report
 
-    try:
-        paths = write_report(args.results)
-    except RuntimeError as exc:
-        print(f"leakbench: {exc}", file=sys.stderr)
-        return 1
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
+    return _write_and_list(lambda: write_report(args.results))
 
 
 def defense_rows() -> list[dict[str, str]]:
