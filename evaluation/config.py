@@ -64,8 +64,9 @@ class Cell:
         def fmt(part: dict[str, Any]) -> str:
             params = ", ".join(f"{k}={v}" for k, v in part["params"].items())
             return f"{part['name']}({params})" if params else part["name"]
-        return f"{self.config['dataset']['name']} | {model_label(self.config)} | {self.config['cut']} | {fmt(self.config['defense'])} | " \
-               f"{fmt(self.config['attack'])} | seed {self.config['seed']}"
+        c = self.config
+        return f"{c['dataset']['name']} | {model_label(c)} | {c['cut']} | {fmt(c['defense'])} | " \
+               f"{fmt(c['attack'])} | seed {c['seed']}"
 
 
 def _named(value: Any, key: str) -> dict[str, Any]:

@@ -38,9 +38,9 @@ class PEEL(Attack):
     a ReLU after the addition, a stride) its target is only the next block's estimate, and fitting it
     exactly amplifies that error along the chain; for the same reason ``prior_weight`` adds a
     least-norm prior on blocks with a ReLU after the addition. ``solver="paper"`` is the authors'
-    (x, p, n) formulation with their Adam schedule. With ``refine`` the block-wise image starts an end-to-end fit of the image
-    through the whole client half (the same objective as rMLE), so PEEL starts where block-wise
-    inversion left off rather than from a grey image; with ``also_from_grey`` a second fit from
+    (x, p, n) formulation with their Adam schedule. With ``refine`` the block-wise image starts an
+    end-to-end fit of the image through the whole client half (the same objective as rMLE), so PEEL
+    starts where block-wise inversion left off rather than from a grey image; with ``also_from_grey`` a second fit from
     rMLE's grey start runs too and the one whose features match the observation better wins (no
     ground truth is used), so refined PEEL is never behind rMLE on its own objective.
     ``refine=False`` is pure block-wise PEEL.
@@ -57,7 +57,8 @@ class PEEL(Attack):
 
     def __init__(self, solver: str = "default", refine: bool = True, chaining: str = "honest",
                  max_iter: int = 300, fixed_point_iters: int = 100, refine_iter: int = 500,
-                 tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 0.1, block_iter: int = 10,
+                 tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 0.1,
+                 block_iter: int = 10,
                  dtype: str = "float64", adaptive: bool = False, tv_prior: float = 5.0):
         self.solver = check_choice("solver", solver, ("default", "paper"))
         self.refine = check_bool("refine", refine)
@@ -78,7 +79,8 @@ class PEEL(Attack):
     @property
     def params(self) -> dict[str, Any]:
         return {"solver": self.solver, "refine": self.refine, "chaining": self.chaining, "max_iter": self.max_iter,
-                "block_iter": self.block_iter, "fixed_point_iters": self.fixed_point_iters, "refine_iter": self.refine_iter,
+                "block_iter": self.block_iter, "fixed_point_iters": self.fixed_point_iters,
+                "refine_iter": self.refine_iter,
                 "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey,
                 "prior_weight": self.prior_weight, "dtype": self.dtype, "adaptive": self.adaptive,
                 "tv_prior": self.tv_prior}

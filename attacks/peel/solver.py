@@ -63,9 +63,10 @@ def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, u
     """Find ``x`` within the bounds with ``stage.forward(x) ≈ y``; returns it and the stage's diagnostics.
 
     ``prior_weight > 0`` is a least-norm prior on blocks with a ReLU after the addition: it adds
-    ``0.5·prior_weight·||x||²`` to the data term ``0.5·||f(x) - y||²`` (both relative to ``||y||²``). There the output's zeros leave directions of ``x`` undetermined, and the target itself is
-    only an estimate (recovered by the next block's solve), so an exact fit amplifies its error along
-    the chain; the prior picks the small (sparse, like a post-ReLU activation) solution instead.
+    ``0.5·prior_weight·||x||²`` to the data term ``0.5·||f(x) - y||²`` (both relative to ``||y||²``).
+    There the output's zeros leave directions of ``x`` undetermined, and the target itself is only an
+    estimate (recovered by the next block's solve), so an exact fit amplifies its error along the
+    chain; the prior picks the small (sparse, like a post-ReLU activation) solution instead.
     """
     start = time.perf_counter()
     x = warm_start(stage, y, lower, upper)
