@@ -10,6 +10,8 @@ import scipy.optimize
 import torch
 from threadpoolctl import threadpool_limits
 
+from attacks.box_lbfgs import minimize_box
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -48,7 +50,7 @@ def relu_violation(pre_activation: Forward, x: torch.Tensor, target: torch.Tenso
 
 
 def relu_consistency(pre_activation: Forward, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``0.5·||ReLU(z(x)) - y||²`` written so that it stays smooth where the solution lies.
+    """``0.5·||ReLU(z(x)) - y||²`` per sample, written so that it stays smooth where the solution lies.
 
     Where ``y > 0`` the pre-activation must equal ``y`` (a plain square, which keeps its
     gradient even while ``z < 0``); where ``y == 0`` (see ``relu_active``) it only has to be
@@ -58,20 +60,31 @@ def relu_consistency(pre_activation: Forward, target: torch.Tensor) -> Callable[
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         z = pre_activation(x)
-        return 0.5 * torch.where(active, z - target, z.clamp_min(0)).pow(2).sum()
+        return 0.5 * torch.where(active, z - target, z.clamp_min(0)).pow(2).flatten(1).sum(1)
     return loss
 
 
 def fit_input(forward: Forward, target: torch.Tensor, x0: torch.Tensor, *, lower: float | None = None,
               upper: float | None = None, max_iter: int = 500, regulariser: Callable[[torch.Tensor], torch.Tensor]
-              | None = None, data_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FitResult:
+              | None = None, data_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              method: str = "scipy") -> FitResult:
     """Minimise ``0.5·||f(x) - y||² (+ regulariser(x))`` over ``x`` in the box, from ``x0``.
 
-    ``data_loss`` replaces the squared error when given (e.g. ``relu_consistency``). Solved with
-    SciPy's L-BFGS-B, which keeps ``x`` inside the bounds exactly. The batch is solved jointly;
-    its loss is a sum of per-sample terms, so samples do not interact in the objective.
+    ``data_loss`` replaces the squared error when given (e.g. ``relu_consistency``). Both keep ``x``
+    inside the bounds exactly:
+
+    - ``method="scipy"``: SciPy's L-BFGS-B on the whole batch at once (its loss is a sum of per-sample
+      terms, so samples do not interact in the objective, but they share the line search);
+    - ``method="torch"``: ``attacks.box_lbfgs``, one independent problem per sample, with no per-call
+      cost per variable (SciPy's bounds handling dominates short solves on feature maps). Here
+      ``data_loss`` and ``regulariser`` must give one value per sample.
+
     ``residual`` is ``||f(x) - y|| / ||y||``.
     """
+    if method == "torch":
+        return _fit_input_torch(forward, target, x0, lower, upper, max_iter, regulariser, data_loss)
+    if method != "scipy":
+        raise ValueError(f"method: got {method!r}, expected 'scipy' or 'torch'")
     start = time.perf_counter()
     x_start = project(x0.detach(), lower, upper)
     shape, dtype = x_start.shape, x_start.dtype
@@ -81,9 +94,9 @@ def fit_input(forward: Forward, target: torch.Tensor, x0: torch.Tensor, *, lower
 
     def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
         x = torch.from_numpy(flat).view(shape).to(dtype).requires_grad_(True)
-        loss = data_loss(x) if data_loss is not None else 0.5 * (forward(x) - target).pow(2).sum()
+        loss = data_loss(x).sum() if data_loss is not None else 0.5 * (forward(x) - target).pow(2).sum()
         if regulariser is not None:
-            loss = loss + regulariser(x)
+            loss = loss + regulariser(x).sum()
         loss = loss * scale
         (grad,) = torch.autograd.grad(loss, x)
         return float(loss.detach()), grad.detach().double().reshape(-1).numpy()
@@ -102,3 +115,21 @@ def fit_input(forward: Forward, target: torch.Tensor, x0: torch.Tensor, *, lower
         iterations = int(solution.nit)
         result = torch.from_numpy(solution.x).view(shape).to(dtype)
     return FitResult(result, iterations, relative_residual(forward, result, target), time.perf_counter() - start)
+
+
+def _fit_input_torch(forward: Forward, target: torch.Tensor, x0: torch.Tensor, lower: float | None,
+                     upper: float | None, max_iter: int, regulariser: Callable[[torch.Tensor], torch.Tensor] | None,
+                     data_loss: Callable[[torch.Tensor], torch.Tensor] | None) -> FitResult:
+    start = time.perf_counter()
+    # Each sample's loss relative to its own ||y||², so the stopping tolerances mean the same at any scale.
+    scale = 1.0 / target.pow(2).flatten(1).sum(1).clamp_min(1e-30)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        value = data_loss(x) if data_loss is not None else 0.5 * (forward(x) - target).pow(2).flatten(1).sum(1)
+        if regulariser is not None:
+            value = value + regulariser(x)
+        return value * scale
+
+    x, iterations = (minimize_box(loss, x0, lower=lower, upper=upper, max_iter=max_iter) if max_iter > 0
+                     else (project(x0.detach(), lower, upper), torch.zeros(1, dtype=torch.long)))
+    return FitResult(x, int(iterations.max()), relative_residual(forward, x, target), time.perf_counter() - start)

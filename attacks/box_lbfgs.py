@@ -1,0 +1,139 @@
+"""A batched, box-constrained L-BFGS in torch: one independent problem per sample.
+
+SciPy's L-BFGS-B converts its bounds between two Python-level representations on every call, which
+costs about 0.3 s per million variables and dominates short solves on feature maps (a PEEL block
+polish is ~10 iterations on 16 × 16 × 32 × 32 variables). This solver keeps everything in torch and
+treats each sample as its own problem (own curvature pairs, own line search, own stopping), so a
+sample's result never depends on the others in the batch.
+
+The method is projected L-BFGS with an active set ("two-metric projection", Bertsekas 1982): variables
+at a bound whose gradient pushes outward are held fixed, the L-BFGS direction is taken on the free
+ones, and a backtracking line search on the projected path ``P(x + t·d)`` enforces the Armijo
+condition. Every iterate lies inside the bounds exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]   # x (B, ...) -> loss (B,)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product, shaped (B,)."""
+    return (a * b).flatten(1).sum(1)
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _project(x: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
+    return x.clamp(min=lower, max=upper) if lower is not None or upper is not None else x
+
+
+def _value_and_grad(loss: PerSampleLoss, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_(True)
+    values = loss(x)
+    if values.shape != x.shape[:1]:
+        raise ValueError(f"the loss must give one value per sample, shape {tuple(x.shape[:1])}; "
+                         f"got {tuple(values.shape)}")
+    (grad,) = torch.autograd.grad(values.sum(), x)
+    return values.detach(), grad.detach()
+
+
+def _free(x: torch.Tensor, grad: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
+    """Variables the next step may move: not at a bound whose gradient points out of the box."""
+    free = torch.ones_like(x, dtype=torch.bool)
+    if lower is not None:
+        free &= ~((x <= lower) & (grad > 0))
+    if upper is not None:
+        free &= ~((x >= upper) & (grad < 0))
+    return free
+
+
+def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None = None, upper: float | None = None,
+                 max_iter: int = 100, history: int = 10, gtol: float = 1e-13, ftol: float = 1e-19,
+                 max_backtracks: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``loss(x)[b]`` for every sample ``b`` over ``lower <= x <= upper``, from ``x0``.
+
+    Returns the solution and each sample's number of iterations (a sample stops once its projected
+    gradient's largest entry is below ``gtol`` or an iteration lowers its loss by less than
+    ``ftol·max(|f|, 1)``, or its line search finds no decrease).
+    """
+    x = _project(x0.detach().clone(), lower, upper)
+    f, g = _value_and_grad(loss, x)
+    batch = x.shape[0]
+    active = torch.ones(batch, dtype=torch.bool)
+    iterations = torch.zeros(batch, dtype=torch.long)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (s, y, 1/(s·y) or 0 where unused)
+    curved = torch.zeros(batch, dtype=torch.bool)    # the sample has a curvature pair (else: gradient steps)
+    for _ in range(max_iter):
+        free = _free(x, g, lower, upper)
+        g_free = g * free
+        active &= g_free.flatten(1).abs().amax(1) > gtol
+        if not active.any():
+            break
+        direction = -_two_loop(g_free, pairs) * free
+        uphill = _dot(direction, g) >= 0
+        if uphill.any():  # not a descent direction (stale curvature): steepest descent for those samples
+            direction = torch.where(_per_sample(uphill, x), -g_free, direction)
+        # Without curvature yet the step is scaled to unit length, as L-BFGS-B's first step is.
+        unit = 1.0 / g_free.flatten(1).norm(dim=1).clamp_min(1e-300)
+        step = torch.where(curved & ~uphill, torch.ones_like(unit), torch.minimum(unit, torch.ones_like(unit)))
+        accepted = ~active
+        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+        pending = active.clone()
+        for _ in range(max_backtracks):
+            trial = _project(x + _per_sample(step, x) * direction, lower, upper)
+            f_trial, g_trial = _value_and_grad(loss, trial)
+            ok = pending & (f_trial <= f + 1e-4 * _dot(g, trial - x)) & torch.isfinite(f_trial)
+            mask = _per_sample(ok, x)
+            x_new = torch.where(mask, trial, x_new)
+            g_new = torch.where(mask, g_trial, g_new)
+            f_new = torch.where(ok, f_trial, f_new)
+            accepted |= ok
+            pending &= ~ok
+            if not pending.any():
+                break
+            step = torch.where(pending, step * 0.5, step)
+        stalled = active & ~accepted  # no decrease along the direction: this sample is done
+        active &= accepted
+        iterations += active.long()
+        s, y = x_new - x, g_new - g
+        sy = _dot(s, y)
+        usable = active & (sy > 1e-10 * _dot(y, y).clamp_min(1e-300))
+        if usable.any():
+            pairs.append((s, y, torch.where(usable, 1.0 / sy.where(usable, torch.ones_like(sy)),
+                                            torch.zeros_like(sy))))
+            pairs = pairs[-history:]
+            curved |= usable
+        small_decrease = (f - f_new) <= ftol * torch.maximum(f.abs(), torch.ones_like(f))
+        x, f, g = x_new, f_new, g_new
+        active &= ~small_decrease & ~stalled
+    return x, iterations
+
+
+def _two_loop(grad: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The L-BFGS product H·grad from the stored pairs, per sample (a pair with rho 0 is skipped)."""
+    if not pairs:
+        return grad
+    q = grad.clone()
+    alphas = []
+    for s, y, rho in reversed(pairs):
+        alpha = rho * _dot(s, q)
+        q = q - _per_sample(alpha, q) * y
+        alphas.append(alpha)
+    # Initial scaling s·y / y·y from the newest pair each sample has.
+    gamma = torch.ones(grad.shape[0], dtype=grad.dtype)
+    found = torch.zeros(grad.shape[0], dtype=torch.bool)
+    for s, y, rho in reversed(pairs):
+        take = ~found & (rho > 0)
+        gamma = torch.where(take, 1.0 / (rho * _dot(y, y)).where(take, torch.ones_like(rho)), gamma)
+        found |= take
+    r = _per_sample(gamma, q) * q
+    for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+        beta = rho * _dot(y, r)
+        r = r + _per_sample(alpha - beta, r) * s
+    return r
