@@ -43,8 +43,8 @@ class PEEL(Attack):
     (x, p, n) formulation with their Adam schedule. With ``refine`` the block-wise image starts an
     end-to-end fit of the image through the whole client half (the same objective as rMLE), so PEEL
     starts where block-wise inversion left off rather than from a grey image; with ``also_from_grey`` a second fit from
-    rMLE's grey start runs too and the one whose features match the observation better wins (no
-    ground truth is used), so refined PEEL is never behind rMLE on its own objective.
+    rMLE's grey start runs too and, per sample, the one whose features match that sample's observation
+    better wins (no ground truth is used), so refined PEEL is never behind rMLE on its own objective.
     ``refine=False`` is pure block-wise PEEL.
 
     ``chaining="oracle_reset"`` restarts every stage from the *true* features at its output, as
@@ -152,9 +152,13 @@ class PEEL(Attack):
             if self.also_from_grey:
                 fits["grey"] = fit_image(stages, observed, torch.full_like(blockwise, 0.5), self.refine_iter,
                                          self.tv_weight)
-            best = min(fits, key=lambda k: fits[k].residual)
-            images = fits[best].x
-            diagnostics.update({"refine_start": best, "refined_residual": fits[best].residual,
+            names = list(fits)
+            # Per sample, the fit whose features match that sample's observation better.
+            per_sample = torch.stack([sample_residuals(chain(stages), fits[k].x, observed) for k in names])
+            choice = per_sample.argmin(0)
+            images = torch.stack([fits[k].x for k in names])[choice, torch.arange(len(choice))]
+            diagnostics.update({"refine_start": [names[i] for i in choice.tolist()],
+                                "refined_residual": relative_residual(chain(stages), images, observed),
                                 "refine_residuals": {k: f.residual for k, f in fits.items()},
                                 "refine_seconds": sum(f.seconds for f in fits.values())})
             diagnostics["iterations"] += sum(f.iterations for f in fits.values())
@@ -187,6 +191,13 @@ def chain(stages: list[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
             x = stage.forward(x)
         return x
     return forward
+
+
+@torch.no_grad()
+def sample_residuals(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     target: torch.Tensor) -> torch.Tensor:
+    """Each sample's relative feature residual ||f(x_b) - y_b|| / ||y_b||, shaped (B,)."""
+    return (forward(x) - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
 def fit_image(stages: list[Stage], observed: torch.Tensor, start: torch.Tensor, iterations: int,

@@ -15,36 +15,49 @@ from attacks.optim import fit_input, project, relative_residual, relu_consistenc
 from attacks.peel.stages import Stage, _block, shortcut_start
 
 
+def _sample_norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
 def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | None, upper: float | None,
                 iterations: int, tol: float = 1e-12) -> tuple[torch.Tensor, int]:
     """Iterate ``x <- y - W2·ReLU(W1·x)`` on an identity-shortcut block (exact when the residual contracts).
 
     With a ReLU after the addition, entries with ``y > 0`` follow the same update; entries with
     ``y == 0`` only know ``x + r(x) <= 0``, so they move down to ``-r(x)`` if they violate it.
-    The returned iterate is the one with the smallest forward residual seen; the iteration stops once
-    that residual has not improved for 20 iterations (it does not contract there).
+    Each sample keeps the iterate with its smallest forward residual seen and stops (is frozen) once
+    that residual has not improved for 20 iterations (it does not contract there) or its step is below
+    ``tol``, so a sample's result does not depend on the rest of the batch. Returns the most
+    iterations any sample ran.
     """
     assert stage.residual is not None
-    best, best_res = x, relative_residual(stage.forward, x, y)
-    done = best_at = 0
+    y_norm = _sample_norms(y).clamp_min(1e-30)
+    shape = (-1, *([1] * (x.dim() - 1)))
     with torch.no_grad():
+        best, best_res = x, _sample_norms(stage.forward(x) - y) / y_norm
+        best_at = torch.zeros(len(x), dtype=torch.long)
+        running = torch.ones(len(x), dtype=torch.bool)
+        ran = torch.zeros(len(x), dtype=torch.long)
         for done in range(1, iterations + 1):
             r = stage.residual(x)
             new = torch.where(y > 0, y - r, torch.minimum(x, -r)) if stage.post_relu else y - r
-            new = project(new, lower, upper)
-            step = float((new - x).norm() / x.norm().clamp_min(1e-30))
-            x = new
-            if not torch.isfinite(x).all():
+            new = torch.where(running.view(shape), project(new, lower, upper), x)
+            converged = _sample_norms(new - x) / _sample_norms(x).clamp_min(1e-30) < tol
+            running &= torch.isfinite(new).flatten(1).all(1)  # a diverged sample keeps its best iterate
+            x = torch.where(running.view(shape), new, x)
+            ran += running.long()
+            check = running & ((done % 10 == 0) | converged)
+            if check.any():
+                res = _sample_norms(stage.forward(x) - y) / y_norm
+                better = check & (res < best_res)
+                best = torch.where(better.view(shape), x, best)
+                best_res = torch.where(better, res, best_res)
+                best_at = torch.where(better, done, best_at)
+                running &= ~(check & ~better & (done - best_at >= 20))
+            running &= ~converged
+            if not running.any():
                 break
-            if done % 10 == 0 or step < tol:
-                res = relative_residual(stage.forward, x, y)
-                if res < best_res:
-                    best, best_res, best_at = x, res, done
-                elif done - best_at >= 20:
-                    break
-            if step < tol:
-                break
-    return best, done
+    return best, int(ran.max()) if len(ran) else 0
 
 
 def warm_start(stage: Stage, y: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
