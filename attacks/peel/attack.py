@@ -39,12 +39,13 @@ class PEEL(Attack):
     block's estimate, and fitting it exactly amplifies that error along the chain; for the same reason
     ``prior_weight`` adds a least-norm prior on blocks with a ReLU after the addition (1.0 weighs it
     like the data term; on the post-ReLU networks of ``benchmarks/peel_quality.py`` it gave lower
-    block-wise image error than 0.1 or 0.3 at every cut but the first of the ImageNet-stem ResNet-18). ``solver="paper"`` is the authors'
-    (x, p, n) formulation with their Adam schedule. With ``refine`` the block-wise image starts an
-    end-to-end fit of the image through the whole client half (the same objective as rMLE), so PEEL
-    starts where block-wise inversion left off rather than from a grey image; with ``also_from_grey`` a second fit from
-    rMLE's grey start runs too and, per sample, the one whose features match that sample's observation
-    better wins (no ground truth is used), so refined PEEL is never behind rMLE on its own objective.
+    block-wise image error than 0.1 or 0.3 at every cut but the first of the ImageNet-stem ResNet-18).
+    ``solver="paper"`` is the authors' (x, p, n) formulation with their Adam schedule. With ``refine``
+    the block-wise image starts an end-to-end fit of the image through the whole client half (the same
+    objective as rMLE), so PEEL starts where block-wise inversion left off rather than from a grey
+    image; with ``also_from_grey`` a second fit from rMLE's grey start runs too and, per sample, the one
+    whose features match that sample's observation better wins (no ground truth is used), so refined
+    PEEL is never behind rMLE on its own objective.
     ``refine=False`` is pure block-wise PEEL.
 
     ``chaining="oracle_reset"`` restarts every stage from the *true* features at its output, as
