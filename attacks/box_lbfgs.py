@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from splitnn.batch import per_sample
+
 PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]   # x (B, ...) -> loss (B,)
 
 
@@ -25,11 +27,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).flatten(1).sum(1)
 
 
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _project(x: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
+def project(x: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
+    """``x`` clamped into the box (``None``: no bound on that side)."""
     return x.clamp(min=lower, max=upper) if lower is not None or upper is not None else x
 
 
@@ -62,7 +61,7 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
     gradient's largest entry is below ``gtol`` or an iteration lowers its loss by less than
     ``ftol·max(|f|, 1)``, or its line search finds no decrease).
     """
-    x = _project(x0.detach().clone(), lower, upper)
+    x = project(x0.detach().clone(), lower, upper)
     f, g = _value_and_grad(loss, x)
     batch = x.shape[0]
     active = torch.ones(batch, dtype=torch.bool)
@@ -78,7 +77,7 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
         direction = -_two_loop(g_free, pairs) * free
         uphill = _dot(direction, g) >= 0
         if uphill.any():  # not a descent direction (stale curvature): steepest descent for those samples
-            direction = torch.where(_per_sample(uphill, x), -g_free, direction)
+            direction = torch.where(per_sample(uphill, x), -g_free, direction)
         # Without curvature yet the step is scaled to unit length, as L-BFGS-B's first step is.
         unit = 1.0 / g_free.flatten(1).norm(dim=1).clamp_min(1e-300)
         step = torch.where(curved & ~uphill, torch.ones_like(unit), torch.minimum(unit, torch.ones_like(unit)))
@@ -86,10 +85,10 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         pending = active.clone()
         for _ in range(max_backtracks):
-            trial = _project(x + _per_sample(step, x) * direction, lower, upper)
+            trial = project(x + per_sample(step, x) * direction, lower, upper)
             f_trial, g_trial = _value_and_grad(loss, trial)
             ok = pending & (f_trial <= f + 1e-4 * _dot(g, trial - x)) & torch.isfinite(f_trial)
-            mask = _per_sample(ok, x)
+            mask = per_sample(ok, x)
             x_new = torch.where(mask, trial, x_new)
             g_new = torch.where(mask, g_trial, g_new)
             f_new = torch.where(ok, f_trial, f_new)
@@ -98,8 +97,7 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
             if not pending.any():
                 break
             step = torch.where(pending, step * 0.5, step)
-        stalled = active & ~accepted  # no decrease along the direction: this sample is done
-        active &= accepted
+        active &= accepted  # no decrease along the direction: this sample is done
         iterations += active.long()
         s, y = x_new - x, g_new - g
         sy = _dot(s, y)
@@ -111,7 +109,7 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
             curved |= usable
         small_decrease = (f - f_new) <= ftol * torch.maximum(f.abs(), torch.ones_like(f))
         x, f, g = x_new, f_new, g_new
-        active &= ~small_decrease & ~stalled
+        active &= ~small_decrease
     return x, iterations
 
 
@@ -123,7 +121,7 @@ def _two_loop(grad: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, 
     alphas = []
     for s, y, rho in reversed(pairs):
         alpha = rho * _dot(s, q)
-        q = q - _per_sample(alpha, q) * y
+        q = q - per_sample(alpha, q) * y
         alphas.append(alpha)
     # Initial scaling s·y / y·y from the newest pair each sample has.
     gamma = torch.ones(grad.shape[0], dtype=grad.dtype)
@@ -132,8 +130,8 @@ def _two_loop(grad: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, 
         take = ~found & (rho > 0)
         gamma = torch.where(take, 1.0 / (rho * _dot(y, y)).where(take, torch.ones_like(rho)), gamma)
         found |= take
-    r = _per_sample(gamma, q) * q
+    r = per_sample(gamma, q) * q
     for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
         beta = rho * _dot(y, r)
-        r = r + _per_sample(alpha - beta, r) * s
+        r = r + per_sample(alpha - beta, r) * s
     return r

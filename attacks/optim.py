@@ -10,7 +10,8 @@ import scipy.optimize
 import torch
 from threadpoolctl import threadpool_limits
 
-from attacks.box_lbfgs import minimize_box
+from attacks.box_lbfgs import minimize_box, project
+from splitnn.batch import per_sample, sample_norms
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,15 +29,17 @@ def relative_residual(forward: Forward, x: torch.Tensor, target: torch.Tensor) -
         return float((forward(x) - target).norm() / target.norm().clamp_min(1e-30))
 
 
-def project(x: torch.Tensor, lower: float | None, upper: float | None) -> torch.Tensor:
-    return x.clamp(min=lower, max=upper) if lower is not None or upper is not None else x
+@torch.no_grad()
+def sample_residuals(forward: Forward, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each sample's relative residual ||f(x_b) - y_b|| / ||y_b||, shaped (B,)."""
+    return sample_norms(forward(x) - target) / sample_norms(target).clamp_min(1e-30)
 
 
 def relu_active(target: torch.Tensor, zero_tol: float = 1e-5) -> torch.Tensor:
     """Entries of a post-ReLU target that are positive; those below ``zero_tol · max|y|`` (per sample) count
     as zeros, since a target recovered by an earlier solve (or sent in float32) has tiny positive values
     where the true activation was exactly zero."""
-    scale = target.flatten(1).abs().amax(dim=1).view(-1, *([1] * (target.dim() - 1)))
+    scale = per_sample(target.flatten(1).abs().amax(dim=1), target)
     return target > zero_tol * scale  # per sample, so samples stay independent
 
 

@@ -9,6 +9,7 @@ import torch
 
 from defenses.base import Defense
 from defenses.registry import register
+from splitnn.batch import per_sample
 from splitnn.errors import ParameterError, check_bool, check_choice, check_number
 
 
@@ -18,11 +19,6 @@ class NoDefense(Defense):
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         return features
-
-
-def _per_sample(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (N, 1, ..., 1), to broadcast against ``features``."""
-    return values.view(-1, *([1] * (features.dim() - 1)))
 
 
 class _ScaledNoise(Defense):
@@ -45,7 +41,7 @@ class _ScaledNoise(Defense):
             return torch.full((features.shape[0],) + (1,) * (features.dim() - 1), self.scale,
                               dtype=features.dtype, device=features.device)
         rms = features.flatten(1).pow(2).mean(dim=1).sqrt()
-        return _per_sample(self.scale * rms, features)
+        return per_sample(self.scale * rms, features)
 
     def unit_noise(self, features: torch.Tensor) -> torch.Tensor:
         """Noise of standard deviation 1, from the seeded stream."""
@@ -189,7 +185,7 @@ class FeatureDP(Defense):
         flat = features.flatten(1)
         norms = flat.abs().sum(dim=1) if self.mechanism == "laplace" else flat.norm(dim=1)
         factor = (self.clip / norms.clamp_min(1e-30)).clamp(max=1.0)
-        return features * _per_sample(factor, features)
+        return features * per_sample(factor, features)
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         clipped = self.clip_features(features)

@@ -26,6 +26,7 @@ from attacks.optim import FitResult, fit_input, relu_violation
 from attacks.peel.solver import warm_start
 from attacks.peel.stages import Stage
 from attacks.rmle import total_variation
+from splitnn.batch import per_sample
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor], torch.Tensor]
@@ -34,10 +35,6 @@ NOISE = ("gaussian_noise", "laplace_noise", "feature_dp")
 MASKING = ("pruning", "topk", "dropout")
 #: Quantization: weight of the squared distance outside a bin, against the squared distance to its centre.
 BIN_WEIGHT = 10.0
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass
@@ -167,9 +164,9 @@ def read_defense(defense: Any, observed: torch.Tensor) -> DefenseReading:
         if params.get("relative", True):
             # E||y||² = ||f||²(1 + s²): the clean RMS follows from the observed one
             rms = y.flatten(1).pow(2).mean(dim=1).sqrt() / math.sqrt(1 + scale ** 2)
-            sigma = _per_sample(scale * rms, y)
+            sigma = per_sample(scale * rms, y)
         else:
-            sigma = torch.full_like(y.flatten(1)[:, :1], scale).view(-1, *([1] * (y.dim() - 1)))
+            sigma = per_sample(torch.full_like(y.flatten(1)[:, 0], scale), y)
         return _noise(name, y, sigma, None, f"noise of std σ (scale {scale}): MAP with a TV prior")
     if name == "feature_dp":
         from defenses.noise import FeatureDP
@@ -178,7 +175,7 @@ def read_defense(defense: Any, observed: torch.Tensor) -> DefenseReading:
         std = dp.noise_scale * (math.sqrt(2.0) if dp.mechanism == "laplace" else 1.0)
         if std == 0 and math.isinf(dp.clip):
             return DefenseReading(name, "exact", "epsilon inf, clip inf: exact fit", y)
-        sigma = torch.full_like(y.flatten(1)[:, :1], max(std, 1e-12)).view(-1, *([1] * (y.dim() - 1)))
+        sigma = per_sample(torch.full_like(y.flatten(1)[:, 0], max(std, 1e-12)), y)
         return _noise(name, y, sigma, dp.clip_features, "clipped features plus calibrated noise: MAP with a "
                       "TV prior, clipping in the forward model")
     if name in MASKING:
@@ -212,7 +209,7 @@ def _masking(name: str, defense: Any, params: dict[str, Any], y: torch.Tensor) -
         flat = y.flatten(1).abs()
         smallest = torch.where(flat > 0, flat, torch.full_like(flat, math.inf)).amin(dim=1)
         return DefenseReading(name, "masked", "fit on the released entries; the zeroed ones are at most the "
-                              "smallest released magnitude", y, mask=mask, threshold=_per_sample(smallest, y))
+                              "smallest released magnitude", y, mask=mask, threshold=per_sample(smallest, y))
     p = float(params.get("p", 0.0))
     if p == 0:
         return DefenseReading(name, "exact", "p 0: exact fit", y)
@@ -235,10 +232,10 @@ def _quantization(params: dict[str, Any], y: torch.Tensor) -> DefenseReading:
     else:  # each sample's min and max are levels 0 and 2^bits - 1, so the observed range is the true one
         flat = y.flatten(1)
         width = flat.amax(dim=1) - flat.amin(dim=1)
-        half = _per_sample(0.5 * width / steps, y)
+        half = per_sample(0.5 * width / steps, y)
         low, high = y - half, y + half
     # The rounding error is uniform in the bin (std width/sqrt(12)): the TV prior's weight follows from it.
-    sigma = _per_sample((high - low).flatten(1).amin(dim=1) / math.sqrt(12.0), y)
+    sigma = per_sample((high - low).flatten(1).amin(dim=1) / math.sqrt(12.0), y)
     note = (f"{bits}-bit bins: distance to the bin centre plus a penalty outside the bin, TV prior weighted by the "
             "rounding error's variance")
     return DefenseReading("quantization", "quantized", note, y, low=low, high=high, sigma=sigma)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
-from attacks.optim import FitResult, fit_input, relative_residual, relu_consistency
+from attacks.optim import FitResult, fit_input, relative_residual, relu_consistency, sample_residuals
 from attacks.peel.adaptive import DefenseReading, fit_image_adaptive, invert_stage_adaptive, read_defense
 from attacks.peel.paper_solver import invert_stage_paper
 from attacks.peel.solver import invert_stage
@@ -167,7 +167,6 @@ class PEEL(Attack):
         return Reconstruction(images.to(features.dtype), diagnostics,
                               {"blockwise": blockwise.to(features.dtype)} if self.refine else {})
 
-
     def _refine_adaptive(self, stages: list[Stage], reading: DefenseReading, blockwise: torch.Tensor,
                          diagnostics: dict[str, Any]) -> torch.Tensor:
         """The refinement under the defense's reading; the start whose fit has the lower objective wins."""
@@ -192,13 +191,6 @@ def chain(stages: list[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
             x = stage.forward(x)
         return x
     return forward
-
-
-@torch.no_grad()
-def sample_residuals(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                     target: torch.Tensor) -> torch.Tensor:
-    """Each sample's relative feature residual ||f(x_b) - y_b|| / ||y_b||, shaped (B,)."""
-    return (forward(x) - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-30)
 
 
 def fit_image(stages: list[Stage], observed: torch.Tensor, start: torch.Tensor, iterations: int,

@@ -11,12 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.optim import fit_input, project, relative_residual, relu_consistency, relu_violation
+from attacks.optim import fit_input, project, relu_consistency, relu_violation, sample_residuals
 from attacks.peel.stages import Stage, _block, shortcut_start
-
-
-def _sample_norms(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).norm(dim=1)
+from splitnn.batch import per_sample, sample_norms
 
 
 def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | None, upper: float | None,
@@ -31,26 +28,24 @@ def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | N
     iterations any sample ran.
     """
     assert stage.residual is not None
-    y_norm = _sample_norms(y).clamp_min(1e-30)
-    shape = (-1, *([1] * (x.dim() - 1)))
     with torch.no_grad():
-        best, best_res = x, _sample_norms(stage.forward(x) - y) / y_norm
+        best, best_res = x, sample_residuals(stage.forward, x, y)
         best_at = torch.zeros(len(x), dtype=torch.long)
         running = torch.ones(len(x), dtype=torch.bool)
         ran = torch.zeros(len(x), dtype=torch.long)
         for done in range(1, iterations + 1):
             r = stage.residual(x)
             new = torch.where(y > 0, y - r, torch.minimum(x, -r)) if stage.post_relu else y - r
-            new = torch.where(running.view(shape), project(new, lower, upper), x)
-            converged = _sample_norms(new - x) / _sample_norms(x).clamp_min(1e-30) < tol
+            new = torch.where(per_sample(running, x), project(new, lower, upper), x)
+            converged = sample_norms(new - x) / sample_norms(x).clamp_min(1e-30) < tol
             running &= torch.isfinite(new).flatten(1).all(1)  # a diverged sample keeps its best iterate
-            x = torch.where(running.view(shape), new, x)
+            x = torch.where(per_sample(running, x), new, x)
             ran += running.long()
             check = running & ((done % 10 == 0) | converged)
             if check.any():
-                res = _sample_norms(stage.forward(x) - y) / y_norm
+                res = sample_residuals(stage.forward, x, y)
                 better = check & (res < best_res)
-                best = torch.where(better.view(shape), x, best)
+                best = torch.where(per_sample(better, x), x, best)
                 best_res = torch.where(better, res, best_res)
                 best_at = torch.where(better, done, best_at)
                 running &= ~(check & ~better & (done - best_at >= 20))
