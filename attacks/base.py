@@ -57,3 +57,13 @@ def require_image_shape(ctx: dict[str, Any]) -> tuple[int, int, int]:
     if shape is None or len(shape) != 3:
         raise ValueError("reconstruct() needs image_shape=(C, H, W) of the client's input")
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def require_context(ctx: dict[str, Any], attack: str, *names: str) -> list[Any]:
+    """The named context entries, or a clear error saying what the attack needs and why."""
+    missing = [n for n in names if ctx.get(n) is None]
+    if missing:
+        raise ValueError(f"{attack} needs {', '.join(missing)} in reconstruct(...) (auxiliary=(images, labels), "
+                         "query=images -> defended features, server=the server half); the runner passes them "
+                         "by the attack's declared knowledge")
+    return [ctx[n] for n in names]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
+from attacks.base import Attack, Knowledge, Reconstruction, require_context, require_image_shape
 from attacks.cache import cached_module
 from attacks.registry import register
 from splitnn.errors import check_number
@@ -48,16 +48,6 @@ class Decoder(nn.Module):
         if tuple(x.shape[-2:]) != self.image_hw:
             x = F.interpolate(x, size=self.image_hw, mode="bilinear", align_corners=False)
         return torch.sigmoid(x)
-
-
-def require_context(ctx: dict[str, Any], attack: str, *names: str) -> list[Any]:
-    """The named context entries, or a clear error saying what the attack needs and why."""
-    missing = [n for n in names if ctx.get(n) is None]
-    if missing:
-        raise ValueError(f"{attack} needs {', '.join(missing)} in reconstruct(...) (auxiliary=(images, labels), "
-                         "query=images -> defended features, server=the server half); the runner passes them "
-                         "by the attack's declared knowledge")
-    return [ctx[n] for n in names]
 
 
 @register("inverse_net")

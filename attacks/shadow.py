@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
+from attacks.base import Attack, Knowledge, Reconstruction, require_context, require_image_shape
 from attacks.cache import cached_module
-from attacks.inverse_net import require_context
 from attacks.peel import PEEL
 from attacks.registry import register
 from attacks.rmle import RMLE

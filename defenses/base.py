@@ -1,6 +1,7 @@
 """The Defense base: what stands between the client and the server, and what it guarantees."""
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -57,6 +58,13 @@ class Defense:
     def guarantee(self) -> dict[str, Any]:
         """A formal guarantee, e.g. ``{"epsilon": 1.0, "delta": 1e-5}``; empty when there is none."""
         return {}
+
+    def reseeded(self, seed: int | None = None) -> "Defense":
+        """A copy whose random stream starts again, from ``seed`` (default: this defense's own seed)."""
+        fresh = copy.deepcopy(self)
+        fresh.seed = self.seed if seed is None else seed
+        fresh._generator = None
+        return fresh
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The defense's random stream, seeded once and advanced by every call."""

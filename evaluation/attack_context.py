@@ -6,7 +6,6 @@ independent of the one that defended the attacked features.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
@@ -33,9 +32,7 @@ def query_oracle(client: nn.Module, defense: Defense, seed: int, batch_size: int
                  ) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> defended features, through a copy of ``defense`` on its own random stream (so the noise an
     attacker sees on its queries never repeats the noise on the attacked features)."""
-    oracle_defense = copy.deepcopy(defense)
-    oracle_defense.seed = int(config_hash({"query_stream": seed}), 16) % (2 ** 31)
-    oracle_defense._generator = None
+    oracle_defense = defense.reseeded(int(config_hash({"query_stream": seed}), 16) % (2 ** 31))
 
     @torch.no_grad()
     def query(images: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import yaml
 
 import attacks
 import defenses
-from evaluation.store import model_label
+from evaluation.store import model_label, named, params_text
 from splitnn import datasets, zoo
 from splitnn.errors import ParameterError, check_bool, check_choice, check_number
 from splitnn.split import valid_cuts
@@ -57,16 +57,12 @@ class Cell:
     def short_label(self) -> str:
         """Cut, defense with its parameters, and attack name, on three lines (for figures)."""
         d = self.config["defense"]
-        params = ", ".join(f"{k}={v}" for k, v in d["params"].items())
-        return f"{self.config['cut']}\n{d['name']}({params})\n{self.config['attack']['name']}"
+        return f"{self.config['cut']}\n{d['name']}({params_text(d['params'])})\n{self.config['attack']['name']}"
 
     def label(self) -> str:
-        def fmt(part: dict[str, Any]) -> str:
-            params = ", ".join(f"{k}={v}" for k, v in part["params"].items())
-            return f"{part['name']}({params})" if params else part["name"]
         c = self.config
-        return f"{c['dataset']['name']} | {model_label(c)} | {c['cut']} | {fmt(c['defense'])} | " \
-               f"{fmt(c['attack'])} | seed {c['seed']}"
+        return f"{c['dataset']['name']} | {model_label(c)} | {c['cut']} | {named(c['defense'])} | " \
+               f"{named(c['attack'])} | seed {c['seed']}"
 
 
 def _named(value: Any, key: str) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation.metrics import IMAGE_METRICS  # noqa: E402
-from evaluation.tables import ROW_GROUPS, distinguishing_params, matrix_table, variant_labels  # noqa: E402
+from evaluation.tables import (ROW_GROUPS, distinguishing_params, matrix_table, missing_text,  # noqa: E402
+                               variant_labels)
 
 #: Axis titles of the metrics figures can plot.
 METRIC_TITLES = {"psnr": "PSNR (dB), higher = more leakage", "attack_top1": "attack top-1 accuracy",
@@ -115,8 +116,7 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
     for i in range(len(rows)):
         for j, column in enumerate(columns):
             state = table.attrs["status"].get((i, column))
-            text = f"{values[i, j]:.3g}" if not math.isnan(values[i, j]) else \
-                {"failed": "failed", "not_applicable": "n/a"}.get(state, "--")
+            text = f"{values[i, j]:.3g}" if not math.isnan(values[i, j]) else missing_text(state)
             dark = not math.isnan(values[i, j]) and image.norm(values[i, j]) > 0.6  # readable on dark red
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(columns)), [c.removesuffix(f": {metric}") for c in columns], rotation=20, ha="right")

@@ -19,12 +19,6 @@ from splitnn.datasets import Dataset
 if TYPE_CHECKING:
     from evaluation.runner import Matrix
 
-#: The figures every run and report writes (when their data exist), by name -> file stem; the reconstruction
-#: grid is ``reconstructions``, or ``reconstructions_<i>_<dataset>`` per dataset when the cells use several.
-FIGURES = {"privacy_utility_psnr": "privacy_utility_psnr", "privacy_utility_attack_top1":
-           "privacy_utility_attack_top1", "heatmap_psnr": "heatmap_psnr", "peel_depth": "peel_depth"}
-
-
 @dataclass
 class Grid:
     """One dataset's original test images (None when they could not be loaded: ``problem`` says why) and the
@@ -68,14 +62,16 @@ def grid_name(grids: list[Grid], index: int) -> str:
 
 def write_figures(cells: pd.DataFrame, out: Path, grids: list[Grid] | None = None) -> dict[str, list[Path]]:
     """Every figure the data allow, as ``out/<name>.png`` and ``.pdf``; a figure whose data are missing (e.g.
-    attack accuracy in a store written before the evaluation classifier) is left out of the result."""
-    made = {
-        "privacy_utility_psnr": figures.privacy_utility(cells, "psnr", out / FIGURES["privacy_utility_psnr"]),
-        "privacy_utility_attack_top1": figures.privacy_utility(cells, "attack_top1",
-                                                               out / FIGURES["privacy_utility_attack_top1"]),
-        "heatmap_psnr": figures.leakage_heatmap(cells, out / FIGURES["heatmap_psnr"]),
-        "peel_depth": figures.peel_depth_profile(cells, out / FIGURES["peel_depth"]),
+    attack accuracy in a store written before the evaluation classifier) is left out of the result. Each
+    figure's name is its file stem; the reconstruction grid is ``reconstructions``, or
+    ``reconstructions_<i>_<dataset>`` per dataset when the cells use several."""
+    plots: dict[str, Callable[[Path], list[Path]]] = {
+        "privacy_utility_psnr": lambda stem: figures.privacy_utility(cells, "psnr", stem),
+        "privacy_utility_attack_top1": lambda stem: figures.privacy_utility(cells, "attack_top1", stem),
+        "heatmap_psnr": lambda stem: figures.leakage_heatmap(cells, stem),
+        "peel_depth": lambda stem: figures.peel_depth_profile(cells, stem),
     }
+    made = {name: plot(out / name) for name, plot in plots.items()}
     for index, grid in enumerate(grids or []):
         if grid.originals is not None and grid.rows:
             stem = out / grid_name(grids, index)

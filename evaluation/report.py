@@ -11,6 +11,7 @@ from typing import Any
 
 import jinja2
 import pandas as pd
+
 from evaluation.config import Cell
 from evaluation.eval_classifier import CLASSIFIER_METRICS
 from evaluation.export import find_store

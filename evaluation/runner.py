@@ -7,7 +7,6 @@ store writes it, one transaction per finished cell, as results arrive.
 """
 from __future__ import annotations
 
-import copy
 import resource
 import time
 import traceback
@@ -146,9 +145,7 @@ class Matrix:
             server.eval()
             self._fitted[key] = (defense, server)
         fitted, server = self._fitted[key]
-        fresh = copy.deepcopy(fitted)
-        fresh._generator = None
-        return fresh, server
+        return fitted.reseeded(), server
 
     @staticmethod
     def features_key(cell: Cell) -> str:

@@ -55,11 +55,19 @@ def decode_images(blob: bytes) -> torch.Tensor:
         return torch.from_numpy(data["images"].astype(np.float32))
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """Parameters as ``k=v, ...`` (empty for none)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def named(part: dict[str, Any]) -> str:
+    """A ``{name, params}`` entry as ``name(k=v, ...)``, or just ``name`` without parameters."""
+    return f"{part['name']}({params_text(part['params'])})" if part["params"] else part["name"]
+
+
 def model_label(config: dict[str, Any]) -> str:
     """The model column: its name, its parameters when any were given, and "untrained" for random weights."""
-    params = ", ".join(f"{k}={v}" for k, v in config["model"]["params"].items())
-    label = f"{config['model']['name']}({params})" if params else config["model"]["name"]
-    return label + (" untrained" if config.get("train", {}).get("epochs") == 0 else "")
+    return named(config["model"]) + (" untrained" if config.get("train", {}).get("epochs") == 0 else "")
 
 
 class ResultStore:

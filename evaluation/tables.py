@@ -7,12 +7,12 @@ import json
 import pandas as pd
 
 from evaluation.metrics import IMAGE_METRICS
+from evaluation.store import params_text
 
 
 def format_params(text: str) -> str:
     """JSON parameters as ``k=v, ...`` (empty for none)."""
-    params = json.loads(text) if text else {}
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+    return params_text(json.loads(text) if text else {})
 
 
 def _guarantee(text: str | None) -> str:
@@ -71,7 +71,7 @@ def distinguishing_params(cells: pd.DataFrame, name: str, params: str) -> pd.Ser
     for value, group in parsed.groupby(cells[name], sort=False):
         keys = list(dict.fromkeys(k for p in group for k in p))
         varying[value] = [k for k in keys if len({json.dumps(p.get(k)) for p in group}) > 1]
-    return pd.Series([", ".join(f"{k}={p.get(k)}" for k in varying[n]) for n, p in zip(cells[name], parsed)],
+    return pd.Series([params_text({k: p.get(k) for k in varying[n]}) for n, p in zip(cells[name], parsed)],
                      index=cells.index)
 
 
@@ -151,6 +151,11 @@ def best_caption(tolerance: float = ACCURACY_TOLERANCE) -> str:
             f"--: metric not in the store.")
 
 
+def missing_text(status: str | None) -> str:
+    """What a matrix entry without a value shows: why the cell has none, or ``--`` (metric not in the store)."""
+    return {"failed": "failed", "not_applicable": "n/a"}.get(status, "--")
+
+
 def _display(table: pd.DataFrame, bold) -> pd.DataFrame:
     """Strings for every entry: numbers rounded, missing values by status, best entries through ``bold``."""
     best = best_rows(table)
@@ -159,7 +164,7 @@ def _display(table: pd.DataFrame, bold) -> pd.DataFrame:
         for index, value in table[column].items():
             if column in table.attrs["metrics"]:
                 state = table.attrs["status"].get((index, column))
-                text = {"failed": "failed", "not_applicable": "n/a"}.get(state, "--") if pd.isna(value) \
+                text = missing_text(state) if pd.isna(value) \
                     else f"{value:.3g}" if table.attrs["metrics"][column] != "psnr" else f"{value:.1f}"
                 shown.at[index, column] = bold(text) if index in best.get(column, []) else text
             elif column == "accuracy":

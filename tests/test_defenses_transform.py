@@ -282,3 +282,14 @@ def test_finetuning_the_server_on_pruned_features_leaves_the_original_untouched(
     assert tuned is not server
     assert all(torch.equal(before[k], v) for k, v in server.state_dict().items())
     assert not torch.equal(tuned.fc.weight, server.fc.weight)
+
+
+def test_reseeded_copy_restarts_the_random_stream_and_leaves_the_original_alone():
+    defense = defenses.get("gaussian_noise", scale=0.5, seed=3)
+    features = torch.ones(2, 4, 3, 3)
+    first = defense(features)
+    again = defense.reseeded()
+    assert torch.equal(again(features), first)  # same seed, stream from the start
+    assert not torch.equal(defense(features), first)  # the original's stream went on
+    other = defense.reseeded(4)
+    assert other.seed == 4 and not torch.equal(other(features), first)
