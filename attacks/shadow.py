@@ -4,6 +4,7 @@ and auxiliary labelled data, but neither the client's weights nor query access. 
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from typing import Any
 
@@ -16,20 +17,71 @@ from attacks.cache import cached_module
 from attacks.peel import PEEL
 from attacks.registry import register
 from attacks.rmle import RMLE
+from defenses.registry import defense_class, names as defense_names
 from splitnn.errors import check_choice, check_number
 from splitnn.training import fit
 
 
-def fresh_copy(client: nn.Module, seed: int) -> nn.Module:
-    """The client's architecture with every parameter and BatchNorm statistic re-initialised (seeded): what
-    an attacker who knows the architecture but not the weights can build."""
-    shadow = copy.deepcopy(client)
+#: The namespace of the shadow's initial-weight seeds. It is part of the cache key, so shadows trained from
+#: another initialisation scheme are never served from the cache.
+INIT_NAMESPACE = "shadow-client"
+
+
+def shadow_init_seed(seed: int) -> int:
+    """The torch seed of the shadow's initial weights: sha256 of ``"shadow-client:{seed}"`` with its top bit
+    set. It lies in [2**63, 2**64), where no training seed does (configs use 0, 1, ...), so the shadow never
+    replays the stream from which ``splitnn.train`` drew the target's initial weights."""
+    digest = hashlib.sha256(f"{INIT_NAMESPACE}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") | (1 << 63)
+
+
+def unresettable(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``module`` that no ``reset_parameters`` or
+    ``reset_running_stats`` of their owner re-draws: a shadow would silently keep the target's values."""
+    names = []
+    for prefix, owner in module.named_modules():
+        resets = hasattr(owner, "reset_parameters") or hasattr(owner, "reset_running_stats")
+        if not resets:
+            own = [n for n, _ in owner.named_parameters(recurse=False)] + \
+                  [n for n, _ in owner.named_buffers(recurse=False)]
+            names += [f"{prefix}.{n}" if prefix else n for n in own]
+    return names
+
+
+def reinitialise(module: nn.Module, torch_seed: int) -> nn.Module:
+    """Re-draw every parameter and buffer of ``module`` in place under ``torch.manual_seed(torch_seed)``
+    (the global RNG is restored after): each module's ``reset_parameters`` (PReLU's included) and
+    ``reset_running_stats`` (BatchNorm's statistics). Raises TypeError if a tensor has no reset."""
+    missing = unresettable(module)
+    if missing:
+        raise TypeError(f"cannot re-initialise {', '.join(missing)}: their modules have no reset_parameters")
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for module in shadow.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    return shadow
+        torch.manual_seed(torch_seed)
+        for owner in module.modules():
+            if hasattr(owner, "reset_parameters"):
+                owner.reset_parameters()
+            if hasattr(owner, "reset_running_stats"):
+                owner.reset_running_stats()
+    return module
+
+
+def fresh_copy(client: nn.Module, seed: int) -> nn.Module:
+    """The client's architecture with every parameter and buffer re-initialised from a seed stream disjoint
+    from the target's (``shadow_init_seed``): what an attacker who knows the architecture but not the
+    weights can build. Constant initialisations (BatchNorm's 1 and 0, PReLU's 0.25) are the architecture's,
+    equal in any two untrained models; every randomly drawn tensor differs from the target's."""
+    return reinitialise(copy.deepcopy(client), shadow_init_seed(seed))
+
+
+def _may_change_server(defense: Any) -> bool:
+    """Whether ``defense`` (a Defense, or the PublicDefense view an attacker gets) is fitted before use and
+    may therefore fine-tune the server half; asked of its class when the view does not say."""
+    if defense is None:
+        return False
+    if hasattr(defense, "needs_fit"):
+        return bool(defense.needs_fit)
+    name = getattr(defense, "name", None)
+    return name in defense_names() and bool(defense_class(name).needs_fit)
 
 
 @register("shadow")
@@ -59,6 +111,9 @@ class Shadow(Attack):
                 "iterations": self.iterations, "tv_weight": self.tv_weight, "seed": self.seed}
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
+        missing = unresettable(client)
+        if missing:
+            return False, f"the shadow cannot re-initialise {', '.join(missing)} (no reset_parameters)"
         if self.inverter == "peel":
             return PEEL().supports(client, defense)
         return True, ""
@@ -76,10 +131,10 @@ class Shadow(Attack):
         if key is None:
             return None
         shared = {k: v for k, v in key.items() if k != "defense"}
-        if getattr(defense, "needs_fit", False):  # the defense may have handed over a fine-tuned server half
+        if _may_change_server(defense):  # the defense may have handed over a fine-tuned server half
             shared["defense"] = key.get("defense")
         return {"attack": self.name, **{k: v for k, v in self.params.items() if k in self._training_params},
-                "context": shared}
+                "init": INIT_NAMESPACE, "context": shared}
 
     _training_params = ("epochs", "lr", "batch_size", "seed")
 
@@ -96,6 +151,9 @@ class Shadow(Attack):
         inverter: Attack = (RMLE(iterations=self.iterations, tv_weight=self.tv_weight) if self.inverter == "rmle"
                             else PEEL(max_iter=50, refine_iter=self.iterations, tv_weight=self.tv_weight))
         recon = inverter.reconstruct(shadow, features, image_shape=shape)
+        seconds = time.perf_counter() - start
         recon.diagnostics = {"inverter": recon.diagnostics, "from_cache": from_cache,
-                             "shadow_auxiliary_accuracy": aux_accuracy, "seconds": time.perf_counter() - start}
+                             "shadow_auxiliary_accuracy": aux_accuracy, "seconds": seconds}
+        if "budget" in recon.diagnostics["inverter"]:  # the inversion's spend, timed with the shadow's training
+            recon.diagnostics["budget"] = {**recon.diagnostics["inverter"]["budget"], "seconds": seconds}
         return recon

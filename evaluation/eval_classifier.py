@@ -1,12 +1,16 @@
-"""The evaluation classifier: a second model, of another architecture and seed than the target, that
-scores reconstructions as the field does (does it recognise them? how far are they, in its feature space,
-from the real training images of their class?).
+"""The evaluation classifier: one judge per dataset, trained apart from every target, that scores
+reconstructions as the field does (does it recognise them? how far are they, in its feature space, from
+the real training images of their class?).
 
-It is trained once per (dataset, architecture, seed, recipe) through ``splitnn.train``, so the
-checkpoint cache keeps it like any target model.
+Its architecture, seed and recipe are fixed (``EVALUATION_ARCHITECTURE``, ``EVALUATION_SEED``,
+``EVALUATION_RECIPE``), never taken from the target, so every row of a table on one dataset is scored by
+the same judge and their attack accuracy and KNN distance are comparable. A target that is itself a
+ResNet-32 is judged by a ResNet-32 too, but never by itself: the judge's seed (1000) is not a target seed.
+It is trained through ``splitnn.train``, so the checkpoint cache keeps it like any target model.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -19,19 +23,27 @@ from splitnn.training import TrainConfig, train
 
 #: The seed of every evaluation classifier (the targets use the config's seeds, 0 by default).
 EVALUATION_SEED = 1000
-#: The evaluation architecture per target architecture; any other target gets DEFAULT_ARCHITECTURE.
-ARCHITECTURES = {"resnet32": "resnet20"}
-DEFAULT_ARCHITECTURE = "resnet32"
+#: The architecture of every evaluation classifier, whatever the target.
+EVALUATION_ARCHITECTURE = "resnet32"
+#: The judge's training recipe, independent of any cell's ``train:`` section (untrained targets included).
+#: It is the recipe of the shipped configs, so their judges' checkpoints stay cached.
+EVALUATION_RECIPE: dict[str, Any] = {"epochs": 10, "lr": 0.05, "batch_size": 64, "weight_decay": 5e-4}
 #: Per-image metrics of ``EvaluationClassifier.classifier_metrics``, and whether higher means more leakage.
 CLASSIFIER_METRICS: dict[str, bool] = {k: IMAGE_METRICS[k] for k in ("attack_top1", "attack_top5", "knn_distance")}
 
-__all__ = ["EvaluationClassifier", "get_evaluation_classifier", "evaluation_architecture", "CLASSIFIER_METRICS",
-           "EVALUATION_SEED"]
+__all__ = ["EvaluationClassifier", "get_evaluation_classifier", "weights_digest", "CLASSIFIER_METRICS",
+           "EVALUATION_ARCHITECTURE", "EVALUATION_RECIPE", "EVALUATION_SEED"]
 
 
-def evaluation_architecture(target_model: str | None) -> str:
-    """The architecture that judges reconstructions of ``target_model``: never the target's own."""
-    return ARCHITECTURES.get(target_model or "", DEFAULT_ARCHITECTURE)
+def weights_digest(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of a model's state dict, names, dtypes, shapes and values: two judges with
+    equal digests score alike, whichever machine trained them."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -44,15 +56,28 @@ def _last_linear(model: nn.Module) -> nn.Linear:
 class EvaluationClassifier:
     """A trained classifier with its penultimate embedding and the training set's embeddings per class."""
 
-    def __init__(self, model: nn.Module, data: Dataset, batch_size: int = 256, test_accuracy: float | None = None):
+    def __init__(self, model: nn.Module, data: Dataset, batch_size: int = 256, test_accuracy: float | None = None,
+                 architecture: str = "model", seed: int | None = None, checkpoint: str | None = None):
         self.model = model.eval()
         self.num_classes = data.num_classes
         self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
         self.test_accuracy = test_accuracy
+        self.architecture = architecture
+        self.seed = seed
+        #: The name of its checkpoint in the cache (from ``TrainConfig.key()``), when it came from ``train``.
+        self.checkpoint = checkpoint
+        self.weights = weights_digest(model)
         self._head = _last_linear(model)
         # Computed once: every reconstruction of every cell is compared with the same training embeddings.
         self._train_embeddings = self.embed(data.x_train)
         self._train_labels = data.y_train.clone()
+
+    @property
+    def identity(self) -> str:
+        """Names the judge in a row, e.g. ``"resnet32 seed 1000 weights 3f9c..."``: rows with equal
+        identities were scored by the same weights."""
+        seed = "" if self.seed is None else f" seed {self.seed}"
+        return f"{self.architecture}{seed} weights {self.weights}"
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,17 +125,16 @@ class EvaluationClassifier:
         return {"attack_top1": top1.tolist(), "attack_top5": top5.tolist(), "knn_distance": knn}
 
 
-def get_evaluation_classifier(data: Dataset, cache_dir: str | None = None, target_model: str | None = None,
-                              progress: bool = False, *, train_params: dict[str, Any] | None = None,
-                              model: str | None = None) -> EvaluationClassifier:
-    """The evaluation classifier for ``data``: ``model`` (default: an architecture other than
-    ``target_model``) with seed ``EVALUATION_SEED``, trained on ``data``'s training split with
-    ``train_params`` (epochs, lr, batch_size, weight_decay; TrainConfig's defaults when None), or loaded
-    from the checkpoint cache."""
-    arch = model or evaluation_architecture(target_model)
-    if target_model is not None and arch == target_model:
-        raise ValueError(f"the evaluation classifier must differ from the target architecture ({target_model})")
-    config = TrainConfig(model=arch, dataset=data.name, dataset_params=dict(data.params), seed=EVALUATION_SEED,
-                         **(train_params or {}))
+def get_evaluation_classifier(data: Dataset, cache_dir: str | None = None, progress: bool = False, *,
+                              train_params: dict[str, Any] | None = None,
+                              model: str = EVALUATION_ARCHITECTURE) -> EvaluationClassifier:
+    """The evaluation classifier for ``data``: ``model`` with seed ``EVALUATION_SEED``, trained on ``data``'s
+    training split with ``EVALUATION_RECIPE`` (``train_params`` overrides its keys: cheaper judges in
+    tests), or loaded from the checkpoint cache. It depends on nothing but the dataset, by design."""
+    recipe = {**EVALUATION_RECIPE, **(train_params or {})}
+    config = TrainConfig(model=model, dataset=data.name, dataset_params=dict(data.params), seed=EVALUATION_SEED,
+                         **recipe)
     trained = train(config, cache_dir, data=data, progress=progress)
-    return EvaluationClassifier(trained.model, data, test_accuracy=trained.test_accuracy)
+    return EvaluationClassifier(trained.model, data, test_accuracy=trained.test_accuracy,
+                                architecture=model, seed=EVALUATION_SEED,
+                                checkpoint=trained.path.stem if trained.path is not None else config.key())

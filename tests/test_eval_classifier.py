@@ -6,10 +6,12 @@ import torchvision
 
 from evaluation import Matrix, ResultStore, load_config
 from evaluation.config import ConfigError, ExperimentConfig
-from evaluation.eval_classifier import evaluation_architecture, get_evaluation_classifier
+from evaluation.eval_classifier import EVALUATION_RECIPE, EVALUATION_SEED, get_evaluation_classifier, weights_digest
+from evaluation.evaluators import Evaluators
 from evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
 from splitnn import datasets
 from splitnn.errors import ParameterError
+from splitnn.training import TrainConfig, train
 from test_cli import GOOD, _write  # the tiny two-cell config (ResNet-20 on digits, rMLE, 2 images)
 
 
@@ -21,15 +23,7 @@ def digits16():
 @pytest.fixture(scope="module")
 def judge(digits16, tmp_path_factory):
     cache = tmp_path_factory.mktemp("judge_cache")
-    return get_evaluation_classifier(digits16, str(cache), target_model="resnet20",
-                                     train_params={"epochs": 3, "batch_size": 64})
-
-
-def test_architecture_differs_from_the_target():
-    for target in ("resnet20", "resnet32", "resnet56", None):
-        assert evaluation_architecture(target) != target
-    with pytest.raises(ValueError, match="differ"):
-        get_evaluation_classifier(datasets.get("digits", size=16), target_model="resnet32", model="resnet32")
+    return get_evaluation_classifier(digits16, str(cache), train_params={"epochs": 3, "batch_size": 64})
 
 
 def test_recognises_true_images_and_not_noise(judge, digits16):
@@ -54,12 +48,13 @@ def test_knn_distance_of_a_training_image_is_zero(judge, digits16):
 
 def test_is_trained_once_then_loaded_from_the_checkpoint_cache(digits16, tmp_path):
     params = {"epochs": 1, "batch_size": 128}
-    first = get_evaluation_classifier(digits16, str(tmp_path), "resnet32", train_params=params)
+    first = get_evaluation_classifier(digits16, str(tmp_path), train_params=params)
     checkpoints = list((tmp_path / "models").glob("*.pt"))
-    second = get_evaluation_classifier(digits16, str(tmp_path), "resnet32", train_params=params)
+    second = get_evaluation_classifier(digits16, str(tmp_path), train_params=params)
     assert len(checkpoints) == 1 and list((tmp_path / "models").glob("*.pt")) == checkpoints
+    assert checkpoints[0].stem == first.checkpoint == second.checkpoint
     x = digits16.x_test[:4]
-    assert torch.equal(first.logits(x), second.logits(x))
+    assert torch.equal(first.logits(x), second.logits(x)) and first.identity == second.identity
 
 
 def test_rejects_labels_out_of_range(judge, digits16):
@@ -74,8 +69,11 @@ def test_matrix_stores_classifier_metrics_and_why_lpips_is_missing(tmp_path):
     assert {"attack_top1", "attack_top5", "knn_distance"} <= set(images.columns) and "lpips" not in images
     assert images.attack_top1.isin([0.0, 1.0]).all() and (images.knn_distance >= 0).all()
     assert cells.attack_top1.between(0, 1).all() and cells.attack_top1_ci_low.notna().all()
-    note = json.loads(cells.diagnostics_json[0])["evaluation"]
-    assert note["unavailable"]["lpips"] == LPIPS_UNAVAILABLE and note["classifier"]["model"] == "resnet32"
+    notes = [json.loads(d)["evaluation"] for d in cells.diagnostics_json]
+    assert all(n["unavailable"]["lpips"] == LPIPS_UNAVAILABLE for n in notes)
+    assert {n["evaluator"] for n in notes} == {notes[0]["evaluator"]}  # every row names the same judge
+    assert notes[0]["evaluator"].startswith(f"resnet32 seed {EVALUATION_SEED} weights ")
+    assert 0.9 < notes[0]["evaluator_test_accuracy"] <= 1 and notes[0]["classifier"]["model"] == "resnet32"
 
 
 def test_classifier_metrics_can_be_turned_off(tmp_path):
@@ -134,15 +132,27 @@ def test_lpips_in_the_matrix_from_a_config_path(tmp_path, squeeze_weights):
     assert images.lpips.notna().all() and (images.lpips > 0).all()
 
 
-def test_an_untrained_target_still_gets_a_trained_judge_shared_with_its_trained_sibling():
-    from evaluation.evaluators import Evaluators
+def test_one_judge_per_dataset_whatever_the_target_and_its_recipe():
     from test_config_models import BASE
 
-    trained, untrained = ExperimentConfig({**BASE, "model": [
-        "resnet20", {"name": "resnet20", "params": {"norm": "none"}, "train": {"epochs": 0}}]}).cells()
-    assert Evaluators.train_params(untrained)["epochs"] == 15  # TrainConfig's default
-    assert Evaluators.train_params(trained)["epochs"] == 3
-    assert Evaluators.classifier_key(untrained) != Evaluators.classifier_key(trained)  # 15 epochs vs 3
-    same_recipe = ExperimentConfig({**BASE, "train": {"epochs": 15}, "model": [
-        "resnet20", {"name": "resnet20", "train": {"epochs": 0}}]}).cells()
-    assert Evaluators.classifier_key(same_recipe[0]) == Evaluators.classifier_key(same_recipe[1])
+    # factors.yaml's kind of table: other architectures, an untrained target, another learning rate
+    cells = ExperimentConfig({**BASE, "model": [
+        "resnet20", "resnet32", {"name": "resnet20", "train": {"epochs": 0}},
+        {"name": "resnet20", "params": {"norm": "none"}, "train": {"lr": 0.01, "epochs": 5}}]}).cells()
+    assert len({c.train_config().key() for c in cells}) == 4  # four targets ...
+    assert len({Evaluators.classifier_key(c) for c in cells}) == 1  # ... one judge
+    other = ExperimentConfig({**BASE, "model": "resnet20",
+                              "dataset": {"name": "digits", "params": {"size": 24}}}).cells()[0]
+    assert Evaluators.classifier_key(other) != Evaluators.classifier_key(cells[0])  # judged per dataset
+    # the judge is built once and names itself identically in every row of the table
+    data = datasets.get(cells[0]["dataset"]["name"], **cells[0]["dataset"]["params"])
+    evaluators = Evaluators()  # the session's cache: the real judge of 16x16 digits, trained once
+    judges = [evaluators.classifier(c, data) for c in cells]
+    assert all(j is judges[0] for j in judges)
+    images = data.x_test[:3]
+    notes = [evaluators.metrics(c, data, images, images)[1] for c in cells]
+    assert {n["evaluator"] for n in notes} == {judges[0].identity}
+    # and it is ResNet-32, seed 1000, trained with the fixed recipe, not with any cell's
+    fixed = train(TrainConfig("resnet32", data.name, dataset_params=dict(data.params), seed=EVALUATION_SEED,
+                              **EVALUATION_RECIPE), data=data, progress=False)
+    assert fixed.from_cache and weights_digest(fixed.model) == judges[0].weights
