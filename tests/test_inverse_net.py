@@ -33,8 +33,15 @@ def test_inverse_net_beats_the_mean_image_on_held_out_images(setting, name, para
                                                            query=query)
     baseline = _mse(aux[0].mean(dim=0, keepdim=True).expand_as(x), x)
     assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
-    assert _mse(rec.images, x) < 0.5 * baseline
-    assert rec.diagnostics["train_losses"][-1] < rec.diagnostics["train_losses"][0]
+    assert _mse(rec.images, x) < 0.2 * baseline  # measured 0.02x (none) and 0.04x (noise)
+    # Each reconstruction is of its own input, not of its class: among the held-out digits the nearest to it
+    # is its own for nearly all (measured all 32; chance 1/32, a class-average decoder about 1/3).
+    nearest = torch.cdist(rec.images.flatten(1), x.flatten(1)).argmin(dim=1)
+    assert float((nearest == torch.arange(len(x))).float().mean()) >= 0.9
+    # The recorded losses are per epoch, and the decoder generalises from the auxiliary half: its held-out
+    # error is of the order of its last training loss (measured 0.9x), not memorised below it.
+    losses = rec.diagnostics["train_losses"]
+    assert len(losses) == 8 and _mse(rec.images, x) < 3 * losses[-1]
 
 
 def test_inverse_net_is_cached_per_model_cut_and_defense(setting, tmp_path):
