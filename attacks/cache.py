@@ -1,32 +1,40 @@
-"""Disk cache for what learned attacks train (decoders, shadow clients), keyed like the model cache."""
+"""Disk cache for what learned attacks train (decoders, shadow clients), keyed like the model cache: by the
+hash of the runner's identity and the fingerprint of the attack's code, so other code never loads as current."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from splitnn.training import config_hash, default_cache_dir
+from attacks.registry import _registry
+from splitnn.fingerprint import class_fingerprint
+from splitnn.training import atomic_save, config_hash, default_cache_dir
+
+
+def attack_fingerprint(kind: str) -> str:
+    """The code fingerprint of the attack registered as ``kind`` (its module and what that imports)."""
+    if kind not in _registry:
+        raise ValueError(f"no attack is registered as {kind!r}: pass cached_module(..., fingerprint=...)")
+    return class_fingerprint(_registry.factory(kind))
 
 
 def cached_module(module: nn.Module, kind: str, key: dict[str, Any] | None, cache_dir: str | Path | None,
-                  train: Callable[[nn.Module], None]) -> tuple[nn.Module, bool]:
-    """Load ``module``'s state from ``<cache>/attacks/<kind>-<hash of key>.pt`` or run ``train(module)`` and
-    save it there (atomically). ``key=None`` (no runner identity for model, cut and defense) trains without
-    caching. Returns the module and whether it came from the cache."""
+                  train: Callable[[nn.Module], None], *, fingerprint: str | None = None) -> tuple[nn.Module, bool]:
+    """Load ``module``'s state from ``<cache>/attacks/<kind>-<hash of key>-<fingerprint>.pt`` or run
+    ``train(module)`` and save it there (atomically). ``fingerprint`` defaults to that of the attack registered
+    as ``kind``. ``key=None`` (no runner identity for model, cut and defense) trains without caching. Returns
+    the module and whether it came from the cache."""
     if key is None:
         train(module)
         return module, False
+    fingerprint = fingerprint or attack_fingerprint(kind)
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "attacks" / \
-        f"{kind}-{config_hash(key)}.pt"
+        f"{kind}-{config_hash(key)}-{fingerprint}.pt"
     if path.exists():
         module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return module, True
     train(module)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".pt.tmp{os.getpid()}")  # write, then rename: a killed run never leaves half a file
-    torch.save(module.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda file: torch.save(module.state_dict(), file))  # a killed run never leaves half a file
     return module, False

@@ -34,18 +34,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("results") / config.name
     start = time.perf_counter()
     matrix = Matrix(config, cache_dir=args.cache_dir, progress=not args.quiet)
+    matrix.forced(args.recompute)  # an unknown --recompute name fails before any work
     executor = from_option(args.dask, args.workers)
     with ResultStore(out / "results.sqlite") as store:
-        summary = matrix.run(store, executor)
-        paths = write_outputs(store, matrix, out)
+        summary = matrix.run(store, executor, recompute=args.recompute)
+        outputs = write_outputs(store, matrix, out)
     elapsed = time.perf_counter() - start
-    print(paths["table_text"])
-    print(f"\n{summary.done} done, {summary.skipped} already done, {summary.failed} failed, "
-          f"{summary.not_applicable} not applicable in {elapsed:.1f} s ({executor.describe()})")
+    print(outputs.summary)
+    print(f"(the full table: {outputs.paths['table']})\n{outputs.stale}")
+    print(f"\n{summary.counts_line()} in {elapsed:.1f} s ({executor.describe()})")
     print(summary.cache_line())
-    for name, path in paths.items():
-        if name != "table_text":
-            print(f"{name}: {path}")
+    for name, path in outputs.paths.items():
+        print(f"{name}: {path}")
     return 1 if summary.failed else 0
 
 
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute cells on Dask: 'local' starts a LocalCluster on this machine, anything else is "
                           "a scheduler address (e.g. tcp://host:8786); default: sequentially in this process")
     run.add_argument("--workers", type=int, default=2, help="workers of --dask local (1 thread each; default 2)")
+    run.add_argument("--recompute", action="append", default=[], metavar="ATTACK|DEFENSE",
+                     help="recompute the cells of this attack or defense even if the store has them from the "
+                          "installed code (repeatable); cells stored by other code are always recomputed")
     run.set_defaults(func=_cmd_run)
     export = sub.add_parser("export", help="write the cells and per-image rows of a result store as CSV or Parquet")
     export.add_argument("results", help="a results directory (leakbench run --out) or its results.sqlite")

@@ -1,5 +1,7 @@
 """``leakbench export``: the cells table (one row per cell) and the images table (one row per image,
-with its cell's identity columns) as CSV or Parquet, for analysis outside leakbench."""
+with its cell's identity columns) as CSV or Parquet, for analysis outside leakbench. Every row carries its
+``code_fingerprint`` and ``is_current`` (computed by the installed code, see ``evaluation.store``): filter on
+``is_current`` before comparing rows, since stale ones came from other code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +37,8 @@ def export(source: str | Path, fmt: str = "csv", out: str | Path | None = None) 
     base.parent.mkdir(parents=True, exist_ok=True)
     with ResultStore(db) as store:
         cells = store.cells()
-        images = store.images().merge(cells[["cell_key", "status", *IDENTITY_COLUMNS]], on="cell_key", how="left")
+        images = store.images().merge(cells[["cell_key", "status", "code_fingerprint", "is_current",
+                                             *IDENTITY_COLUMNS]], on="cell_key", how="left")
     paths = {"cells": base.with_name(base.name + f".{fmt}"), "images": base.with_name(base.name + f"_images.{fmt}")}
     for name, frame in (("cells", cells), ("images", images)):
         if fmt == "csv":

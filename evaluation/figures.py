@@ -1,5 +1,6 @@
 """Figures, each saved as PNG and PDF: the reconstruction grid (originals over each cell's reconstructions),
-privacy-utility curves, the defense x attack heatmap and PEEL's per-block error along the client's depth."""
+privacy-utility curves, the defense x attack heatmap and PEEL's per-block error along the client's depth. Each
+plots the current rows only (``evaluation.store.current_rows``): a figure never mixes code versions."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation.metrics import IMAGE_METRICS  # noqa: E402
+from evaluation.store import current_rows  # noqa: E402
 from evaluation.tables import (ROW_GROUPS, distinguishing_params, matrix_table, missing_text,  # noqa: E402
                                variant_labels)
 
@@ -73,6 +75,7 @@ def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[
     """Accuracy against ``metric`` (e.g. psnr, attack_top1), one panel per attack, one line per defense over
     its strengths in config order, the metric's bootstrap 95% CI as horizontal error bars. Returns [] when no
     done cell has the metric."""
+    cells = current_rows(cells)
     done = _done(cells, metric)
     if done.empty:
         return []
@@ -129,6 +132,7 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
 def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     """PEEL's relative error of each block's recovered input (``true_input_error``) along the client, input to
     cut, one line per PEEL cell. Returns [] when no PEEL cell carries it (it needs the true images)."""
+    cells = current_rows(cells)
     lines = []
     several_models = "model" in cells and cells["model"].nunique() > 1
     peel = cells[(cells["attack"] == "peel") & (cells["status"] == "done")]

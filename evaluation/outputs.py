@@ -1,4 +1,5 @@
-"""Write what a run leaves behind: the Markdown and LaTeX tables, and the figures (PNG and PDF)."""
+"""Write what a run leaves behind: the Markdown and LaTeX tables, and the figures (PNG and PDF), all of the
+current rows only, with the number of stale rows the store holds."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import torch
 
 from evaluation import figures
 from evaluation.config import Cell
-from evaluation.store import ResultStore
-from evaluation.tables import matrix_latex, to_markdown
+from evaluation.store import ResultStore, current_rows, stale_line
+from evaluation.tables import compact_summary, matrix_latex, to_markdown
 from splitnn import datasets
 from splitnn.datasets import Dataset
 
@@ -28,6 +29,16 @@ class Grid:
     originals: torch.Tensor | None
     rows: list[tuple[str, torch.Tensor]]
     problem: str | None = None
+
+
+@dataclass
+class Outputs:
+    """What ``write_outputs`` wrote (name -> path) and the texts ``leakbench run`` prints: the compact summary
+    and the line saying how many stale rows the store holds."""
+
+    paths: dict[str, str]
+    summary: str
+    stale: str
 
 
 def _load_dataset(config: dict[str, Any]) -> Dataset:
@@ -80,17 +91,15 @@ def write_figures(cells: pd.DataFrame, out: Path, grids: list[Grid] | None = Non
     return {name: paths for name, paths in made.items() if paths}
 
 
-def write_outputs(store: ResultStore, matrix: "Matrix", out: Path) -> dict[str, str]:
-    """``table.md``, ``table.tex`` and the figures for the cells of ``matrix``'s config."""
-    cells = matrix.cells()
-    frame = store.cells([c.key for c in cells])
-    text = to_markdown(frame)
-    (out / "table.md").write_text(f"# {matrix.config.name}\n\n{text}\n")
+def write_outputs(store: ResultStore, matrix: "Matrix", out: Path) -> Outputs:
+    """``table.md``, ``table.tex`` and the figures for the current cells of ``matrix``'s config."""
+    frame = current_rows(store.cells([c.key for c in matrix.cells()]))
+    stale = stale_line(store.cells())
+    (out / "table.md").write_text(f"# {matrix.config.name}\n\n{to_markdown(frame)}\n\n{stale}\n")
     (out / "table.tex").write_text(matrix_latex(frame) + "\n")
-    paths = {"table_text": text, "store": str(store.path), "table": str(out / "table.md"),
-             "latex table": str(out / "table.tex")}
+    paths = {"store": str(store.path), "table": str(out / "table.md"), "latex table": str(out / "table.tex")}
     made = write_figures(frame, out, reconstruction_grids(store, frame, lambda c: matrix.dataset(Cell(c))))
     if "reconstructions" in made:
         paths["grid"] = str(made.pop("reconstructions")[0])
     paths.update({f"figure {name}": ", ".join(str(p) for p in found) for name, found in made.items()})
-    return paths
+    return Outputs(paths, compact_summary(frame), stale)

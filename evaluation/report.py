@@ -1,6 +1,7 @@
 """``leakbench report RESULTS_DIR``: one self-contained HTML page (figures embedded as data URIs, no external
 resources) with the tables, the figures, each cell's status and each run's provenance, written beside the
-store with ``table.tex`` and the figures as PNG and PDF. It reads only the store, so old stores work too."""
+store with ``table.tex`` and the figures as PNG and PDF. It reads only the store and shows its current rows (those
+the installed code would compute again the same), saying how many stale ones it holds."""
 from __future__ import annotations
 
 import base64
@@ -18,7 +19,7 @@ from evaluation.export import find_store
 from evaluation.metrics import IMAGE_METRICS
 from evaluation.outputs import reconstruction_grids, write_figures
 from evaluation.perceptual import LPIPS_UNAVAILABLE
-from evaluation.store import ResultStore
+from evaluation.store import ResultStore, current_rows, stale_line
 from evaluation.tables import best_caption, matrix_html, matrix_latex, result_table
 
 #: Title and one-line description of each figure, in report order.
@@ -47,6 +48,7 @@ pre { background: #f6f6f6; padding: 0.5em; overflow-x: auto; font-size: 0.85em; 
 </style></head><body>
 <h1>leakbench report: {{ name }}</h1>
 <p class="note">Store: {{ store }} · {{ counts }} · written {{ written }}</p>
+<p id="stale">{{ stale }}</p>
 
 <h2 id="matrix">Defense × attack matrix</h2>
 {{ matrix | safe }}
@@ -160,9 +162,13 @@ def write_report(results: str | Path) -> dict[str, Path]:
     db = find_store(results)
     out = db.parent
     with ResultStore(db) as store:
-        cells, runs = store.cells(), store.runs()
-        if cells.empty:
+        everything, runs = store.cells(), store.runs()
+        if everything.empty:
             raise RuntimeError(f"{db} has no cells yet: run `leakbench run` first")
+        cells, stale = current_rows(everything), stale_line(everything)
+        if cells.empty:
+            raise RuntimeError(f"{db} has no current cells: all {len(everything)} were computed by other code or "
+                               f"package versions; rerun `leakbench run` on their config to recompute them")
         grids = reconstruction_grids(store, cells)
     made = write_figures(cells, out, grids)
     (out / "table.tex").write_text(matrix_latex(cells) + "\n")
@@ -177,7 +183,7 @@ def write_report(results: str | Path) -> dict[str, Path]:
     html = _TEMPLATE.render(
         name=", ".join(dict.fromkeys(json.loads(c or "{}").get("name", "") for c in runs["config_json"])) or out.name,
         store=str(db), written=_utc(datetime.datetime.now(datetime.timezone.utc).timestamp()),
-        counts=", ".join(f"{n} {STATUS_TEXT.get(s, s)}" for s, n in counts.items()),
+        counts=", ".join(f"{n} {STATUS_TEXT.get(s, s)}" for s, n in counts.items()), stale=stale,
         matrix=matrix_html(cells), caption=best_caption(), unavailable=unavailable_metrics(cells),
         figures=[_figure(name, made[name][0]) for name in _figure_order(made)],
         missing_figures=missing, cells=_cell_rows(cells),

@@ -12,7 +12,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -23,9 +23,10 @@ from evaluation.attack_context import attack_context, denied
 from evaluation.config import Cell, ExperimentConfig
 from evaluation.evaluators import Evaluators
 from evaluation.metrics import accuracy, image_metrics, summarize
-from evaluation.store import ResultStore
+from evaluation.store import ResultStore, row_fingerprint
 from splitnn import datasets
 from splitnn.datasets import Dataset
+from splitnn.errors import ParameterError
 from splitnn.model import SplitModel
 from splitnn.split import split
 from splitnn.training import TrainedModel, config_hash, train
@@ -40,14 +41,24 @@ class NonFiniteFeatures(RuntimeError):
 
 @dataclass
 class RunSummary:
-    """What a run did: cells by status, and how often shared work came from a cache."""
+    """What a run did: cells by status, how many were recomputed (``stale``: stored by other code; ``forced``:
+    ``--recompute``), and how often shared work came from a cache."""
 
     run_id: str
     done: int = 0
     skipped: int = 0
     failed: int = 0
     not_applicable: int = 0
+    stale: int = 0
+    forced: int = 0
     cache: Counter = field(default_factory=Counter)
+
+    def counts_line(self) -> str:
+        """E.g. ``4 done (2 recomputed: stored by other code), 2 already done, 0 failed, 0 not applicable``."""
+        why = ", ".join(f"{n} recomputed: {what}" for n, what in ((self.stale, "stored by other code"),
+                                                                   (self.forced, "--recompute")) if n)
+        done = f"{self.done} done" + (f" ({why})" if why else "")
+        return f"{done}, {self.skipped} already done, {self.failed} failed, {self.not_applicable} not applicable"
 
     def cache_line(self) -> str:
         """E.g. ``models 1 hit / 1 miss (1 from disk), features 3 hits / 3 misses``."""
@@ -171,27 +182,54 @@ class Matrix:
         self._features[key] = Features(truth, features, utility)
         return self._features[key]
 
-    def run(self, store: ResultStore, executor: "Executor | None" = None) -> RunSummary:
-        """Compute every cell the store does not have as done or not applicable, and store each one as
-        it arrives; a killed run loses at most the cells in flight."""
+    def run(self, store: ResultStore, executor: "Executor | None" = None, recompute: Iterable[str] = ()
+            ) -> RunSummary:
+        """Compute every cell the store does not have as done or not applicable from the installed code (the
+        same ``cell_fingerprint``), and every cell whose attack or defense ``recompute`` names; store each one
+        as it arrives; a killed run loses at most the cells in flight."""
         from evaluation.executors import Sequential
 
+        forced = self.forced(recompute)  # a bad name fails before any work
         executor = executor or Sequential()
         cells = self.cells()
         run_id = store.start_run(self.config.raw, {**provenance.collect(), "executor": executor.describe()})
         summary = RunSummary(run_id)
         pending = []
+        fingerprints = {cell.key: self.cell_fingerprint(cell) for cell in cells}
         for cell in cells:
-            if store.status(cell.key) in ("done", "not_applicable"):
+            status, stored = store.cell_state(cell.key)
+            finished = status in ("done", "not_applicable")
+            if cell.key in forced:
+                summary.forced += 1
+            elif finished and stored == fingerprints[cell.key]:
                 summary.skipped += 1
-            else:
-                pending.append(cell)
+                continue
+            elif finished:
+                summary.stale += 1
+            pending.append(cell)
         for result in executor.map(self, pending):
-            store.write_cell(result.key, run_id, result.config, result.status, **result.fields)
+            store.write_cell(result.key, run_id, result.config, result.status,
+                             code_fingerprint=fingerprints[result.key], **result.fields)
             setattr(summary, result.status, getattr(summary, result.status) + 1)
             summary.cache.update(result.cache)
         store.finish_run(run_id)
         return summary
+
+    @staticmethod
+    def cell_fingerprint(cell: Cell) -> str | None:
+        """The fingerprint of the code that computes ``cell`` now (``evaluation.store.row_fingerprint``)."""
+        return row_fingerprint(cell.config)
+
+    def forced(self, names: Iterable[str]) -> set[str]:
+        """The keys of the cells whose attack or defense is one of ``names`` (``--recompute``); a name that is
+        neither an attack nor a defense of this config raises ParameterError."""
+        names = set(names)
+        cells = self.cells()
+        known = {c[part]["name"] for c in cells for part in ("attack", "defense")}
+        for name in sorted(names - known):
+            raise ParameterError("--recompute", name, f"an attack or defense of {self.config.name}: "
+                                                      + ", ".join(sorted(known)))
+        return {c.key for c in cells if c["attack"]["name"] in names or c["defense"]["name"] in names}
 
     def run_cell(self, cell: Cell, store: ResultStore, run_id: str) -> str:
         """Compute one cell and store it; returns its status. Never raises for a failure inside the cell."""

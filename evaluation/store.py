@@ -4,11 +4,15 @@ Schema:
 - ``runs(run_id, started_at, finished_at, config_json, provenance_json)``: one row per invocation.
 - ``cells(cell_key, run_id, status, reason, <identity columns>, accuracy, <metric>, <metric>_ci_low,
   <metric>_ci_high, ..., guarantee_json, diagnostics_json, wall_time_s, peak_rss_mb, config_json,
-  finished_at)``: one row per cell, keyed by the hash of its full config. ``status`` is ``done``,
-  ``failed`` (``reason`` holds the error) or ``not_applicable`` (``reason`` says why).
+  finished_at, code_fingerprint, <extra>...)``: one row per cell, keyed by the hash of its full config.
+  ``status`` is ``done``, ``failed`` (``reason`` holds the error) or ``not_applicable`` (``reason`` says why).
+  ``code_fingerprint`` is the fingerprint of the code that computed the row (``row_fingerprint``): a row is
+  *current* when it equals what the installed code gives its config now, else *stale* (never shown as
+  current). Extra columns (e.g. budgets) are REAL for numbers and TEXT for strings.
 - ``images(cell_key, image_index, <metric>...)``: per-image metrics of a done cell.
 - ``reconstructions(cell_key, images)``: the reconstructed images (a compressed float16 array).
-Metric columns are added when a metric first appears, so new metrics need no migration.
+Metric and extra columns are added when they first appear, so they need no migration; a store written before
+``code_fingerprint`` existed gets the column on open, and its rows count as stale.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+import attacks
+import defenses
+from splitnn.fingerprint import code_fingerprint
+
 IDENTITY_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params", "attack", "attack_params", "seed"]
 
 _SCHEMA = """
@@ -38,6 +46,45 @@ CREATE TABLE IF NOT EXISTS images (
     cell_key TEXT NOT NULL, image_index INTEGER NOT NULL, PRIMARY KEY (cell_key, image_index));
 CREATE TABLE IF NOT EXISTS reconstructions (cell_key TEXT PRIMARY KEY, images BLOB);
 """
+
+
+#: The modules that compute a row besides its attack's and defense's: editing one makes every row stale.
+ROW_MODULES = ("evaluation.runner", "evaluation.metrics", "evaluation.evaluators", "evaluation.eval_classifier",
+               "evaluation.attack_context", "splitnn.training", "splitnn.split", "splitnn.datasets", "splitnn.zoo")
+
+
+def row_fingerprint(config: dict[str, Any]) -> str | None:
+    """The fingerprint the installed code gives a cell config: its attack's and defense's modules and
+    ``ROW_MODULES``, with their imports and the package versions. None when the attack or defense is no
+    longer registered (its rows can only be stale)."""
+    try:
+        attack = attacks.registry._registry.factory(config["attack"]["name"])
+        defense = defenses.defense_class(config["defense"]["name"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return code_fingerprint(attack.__module__, defense.__module__, *ROW_MODULES)
+
+
+def mark_current(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with an ``is_current`` column: its stored ``code_fingerprint`` is what the installed code
+    gives its config now."""
+    stored = cells["code_fingerprint"] if "code_fingerprint" in cells else pd.Series(None, index=cells.index)
+    now = [row_fingerprint(json.loads(text)) if isinstance(text, str) else None for text in cells["config_json"]]
+    return cells.assign(is_current=[s is not None and s == n for s, n in zip(stored, now)])
+
+
+def current_rows(cells: pd.DataFrame) -> pd.DataFrame:
+    """The current rows of ``cells`` (all of them when the frame does not say, e.g. a hand-made frame)."""
+    return cells[cells["is_current"].astype(bool)] if "is_current" in cells else cells
+
+
+def stale_line(cells: pd.DataFrame) -> str:
+    """How many stale rows a frame of ``ResultStore.cells()`` holds, in one line for tables and summaries."""
+    stale = int((~cells["is_current"].astype(bool)).sum()) if "is_current" in cells else 0
+    if not stale:
+        return "The store holds no stale rows: every row shown comes from the installed code."
+    return (f"The store holds {stale} stale row{'s' if stale != 1 else ''} (other code or package versions), "
+            f"not shown: rerun their config.")
 
 
 def _json(value: Any) -> str:
@@ -79,6 +126,8 @@ class ResultStore:
         self.connection = sqlite3.connect(self.path)
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.executescript(_SCHEMA)
+        with self.connection:  # stores written before fingerprints: their rows read as stale
+            self._ensure_columns("cells", {"code_fingerprint": "TEXT"})
 
     def close(self) -> None:
         self.connection.close()
@@ -93,13 +142,15 @@ class ResultStore:
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")}
 
-    def _ensure_columns(self, table: str, names: Iterable[str]) -> None:
+    def _ensure_columns(self, table: str, names: Iterable[str] | dict[str, str]) -> None:
+        """Add the missing columns, REAL unless ``names`` maps a name to its SQL type."""
+        types = names if isinstance(names, dict) else dict.fromkeys(names, "REAL")
         existing = self._columns(table)
-        for name in names:
+        for name, sql_type in types.items():
             if name not in existing:
-                if not name.replace("_", "").isalnum():
-                    raise ValueError(f"bad metric name {name!r}")
-                self.connection.execute(f"ALTER TABLE {table} ADD COLUMN {name} REAL")
+                if not (name.isascii() and name.isidentifier()):
+                    raise ValueError(f"bad column name {name!r}: expected a Python identifier")
+                self.connection.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql_type}')
 
     # -- runs -----------------------------------------------------------------------------------
     def start_run(self, config: Any, provenance: dict[str, Any]) -> str:
@@ -118,13 +169,22 @@ class ResultStore:
         row = self.connection.execute("SELECT status FROM cells WHERE cell_key = ?", (cell_key,)).fetchone()
         return row[0] if row else None
 
+    def cell_state(self, cell_key: str) -> tuple[str | None, str | None]:
+        """(status, code_fingerprint) of a stored cell; (None, None) when the store does not have it."""
+        row = self.connection.execute("SELECT status, code_fingerprint FROM cells WHERE cell_key = ?",
+                                      (cell_key,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
     def write_cell(self, cell_key: str, run_id: str, config: dict[str, Any], status: str, *,
                    reason: str | None = None, accuracy: float | None = None,
                    summary: dict[str, tuple[float, float, float]] | None = None,
                    per_image: dict[str, list[float]] | None = None, reconstruction: torch.Tensor | None = None,
                    guarantee: dict[str, Any] | None = None, diagnostics: dict[str, Any] | None = None,
-                   wall_time_s: float | None = None, peak_rss_mb: float | None = None) -> None:
-        """Write (or replace) one cell with its images, atomically."""
+                   wall_time_s: float | None = None, peak_rss_mb: float | None = None,
+                   code_fingerprint: str | None = None, extra: dict[str, float | str | None] | None = None) -> None:
+        """Write (or replace) one cell with its images, atomically. ``code_fingerprint``: the code that computed
+        it (``row_fingerprint``; None reads as stale). ``extra``: more columns (e.g. budgets), added on first
+        use; names are identifiers that do not shadow the built-in columns."""
         summary = summary or {}
         per_image = per_image or {}
         row: dict[str, Any] = {
@@ -134,13 +194,24 @@ class ResultStore:
             "attack": config["attack"]["name"], "attack_params": _json(config["attack"]["params"]),
             "seed": config["seed"], "accuracy": accuracy, "guarantee_json": _json(guarantee or {}),
             "diagnostics_json": _json(diagnostics or {}), "wall_time_s": wall_time_s, "peak_rss_mb": peak_rss_mb,
-            "config_json": _json(config), "finished_at": time.time()}
+            "config_json": _json(config), "finished_at": time.time(), "code_fingerprint": code_fingerprint}
         for metric, (mean, low, high) in summary.items():
             row.update({metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+        types = {k: "REAL" for k in row}
+        for name, value in (extra or {}).items():
+            if name in row:
+                raise ValueError(f"extra column {name!r} would overwrite a built-in column of the cells table")
+            if value is not None and not isinstance(value, (int, float, str)):
+                raise ValueError(f"extra column {name!r}: got {value!r}, expected a number, a string or None")
+            row[name] = float(value) if isinstance(value, (int, float)) else value
+            types[name] = "TEXT" if isinstance(value, str) else "REAL"
         with self.connection:
-            self._ensure_columns("cells", [k for k in row if k not in self._columns("cells")])
+            existing = self._columns("cells")
+            for name in [k for k in row if k not in existing and row[k] is None and k in (extra or {})]:
+                del row[name]  # an extra column's type is known only from its first value
+            self._ensure_columns("cells", {k: types[k] for k in row if k not in existing})
             self._ensure_columns("images", per_image)
-            names = ", ".join(row)
+            names = ", ".join(f'"{k}"' for k in row)
             self.connection.execute(f"INSERT OR REPLACE INTO cells ({names}) VALUES ({', '.join('?' * len(row))})",
                                     list(row.values()))
             self.connection.execute("DELETE FROM images WHERE cell_key = ?", (cell_key,))
@@ -158,7 +229,8 @@ class ResultStore:
 
     # -- reading --------------------------------------------------------------------------------
     def cells(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
-        frame = pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.connection)
+        """The cells (those of ``keys``, in that order), each with ``is_current`` (see ``mark_current``)."""
+        frame = mark_current(pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.connection))
         if keys is not None:
             order = {k: i for i, k in enumerate(keys)}
             frame = frame[frame.cell_key.isin(order)]

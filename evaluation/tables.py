@@ -1,5 +1,6 @@
-"""Tables of the results: one row per cell (utility and privacy side by side), and the defense x attack matrix
-in Markdown, LaTeX (booktabs) and HTML with the best defense per column marked."""
+"""Tables of the results: one row per cell (utility and privacy side by side), the defense x attack matrix
+in Markdown, LaTeX (booktabs) and HTML with the best defense per column marked, and the compact summary that
+``leakbench run`` prints. Every table shows the current rows only (``evaluation.store.current_rows``)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pandas as pd
 
 from evaluation.metrics import IMAGE_METRICS
-from evaluation.store import params_text
+from evaluation.store import current_rows, params_text
 
 
 def format_params(text: str) -> str:
@@ -30,7 +31,7 @@ def result_table(cells: pd.DataFrame) -> pd.DataFrame:
     """A readable frame of the cells: identity, status, accuracy, guarantee, and each privacy metric with its
     95% CI."""
     rows = []
-    for _, c in cells.iterrows():
+    for _, c in current_rows(cells).iterrows():
         row = {"cut": c["cut"], "defense": c["defense"], "defense params": format_params(c["defense_params"]),
                "attack": c["attack"], "seed": c["seed"], "status": c["status"],
                "accuracy": c.get("accuracy"), "guarantee": _guarantee(c.get("guarantee_json"))}
@@ -95,7 +96,7 @@ def matrix_table(cells: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
 
     ``attrs["status"]`` maps (row, column) to ``failed`` / ``not_applicable`` for cells without a value."""
     metrics = metrics or MATRIX_METRICS
-    cells = cells.copy()
+    cells = current_rows(cells).copy()
     cells["attack_label"] = variant_labels(cells, "attack", "attack_params")
     keys = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1] + ["defense", "strength"]
     cells["strength"] = strength_labels(cells)
@@ -205,3 +206,90 @@ def matrix_latex(cells: pd.DataFrame, caption: str | None = None, label: str = "
 def matrix_html(cells: pd.DataFrame) -> str:
     """The defense x attack matrix as an HTML table (for the report), best defense per column in bold."""
     return matrix_styler(cells, "html").set_table_attributes('class="matrix"').to_html()
+
+
+# -- the compact summary of `leakbench run` -----------------------------------------------------------------
+
+#: The widest line the compact summary prints (a terminal's width; the full table is in table.md).
+SUMMARY_WIDTH = 100
+#: The longest defense label in the summary, and the longest attack name used as a column title (longer
+#: attack names become letters with a legend).
+SUMMARY_LABEL, SUMMARY_ATTACK = 32, 18
+
+
+def _psnr_text(cell: pd.Series) -> str:
+    """``23.4 [22.1, 24.6]`` (mean and 95% CI), or why a cell has no PSNR."""
+    if cell["status"] != "done":
+        return missing_text(cell["status"])
+    if pd.isna(cell.get("psnr")):
+        return "--"
+    low, high = cell.get("psnr_ci_low"), cell.get("psnr_ci_high")
+    return f"{cell['psnr']:.1f}" + (f" [{low:.1f}, {high:.1f}]" if pd.notna(low) and pd.notna(high) else "")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _layout(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows of strings as aligned columns two spaces apart, the columns in ``right`` right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(t.rjust(w) if i in right else t.ljust(w) for i, (t, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def _chunks(rows: list[list[str]], first: int, width: int) -> list[list[int]]:
+    """The attack columns (indices from ``first`` on) in blocks whose lines fit ``width``: the first block
+    after all leading columns, the others after the defense column only."""
+    span = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    chunks: list[list[int]] = [[]]
+    used = sum(span[:first]) + 2 * (first - 1)
+    for i in range(first, len(span)):
+        if chunks[-1] and used + 2 + span[i] > width:
+            chunks.append([])
+            used = span[0]
+        chunks[-1].append(i)
+        used += 2 + span[i]
+    return chunks
+
+
+def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
+    """One line per defense (and strength; under a heading per dataset, model, cut and seed when there are
+    several): its accuracy, the strongest attack (highest mean PSNR) and each attack's PSNR with its 95% CI,
+    in lines of at most ``width`` characters. Long attack names become letters with a legend; attacks that do
+    not fit on one line continue in a further block."""
+    cells = current_rows(cells)
+    if cells.empty:
+        return "no current cells"
+    cells = cells.assign(attack_label=variant_labels(cells, "attack", "attack_params"),
+                         strength=strength_labels(cells))
+    attacks = list(dict.fromkeys(cells["attack_label"]))
+    letters = any(len(a) > SUMMARY_ATTACK for a in attacks)
+    names = {a: (chr(ord("A") + i) if i < 26 else f"Z{i}") if letters else a for i, a in enumerate(attacks)}
+    groups = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1]
+    lines: dict[tuple, dict] = {}
+    for _, c in cells.iterrows():
+        line = lines.setdefault(tuple(c[k] for k in groups) + (c["defense"], c["strength"]),
+                                {"psnr": {}, "text": {}, "accuracy": None})
+        line["text"][c["attack_label"]] = _psnr_text(c)
+        if c["status"] == "done" and pd.notna(c.get("psnr")):
+            line["psnr"][c["attack_label"]] = float(c["psnr"])
+        if pd.notna(c.get("accuracy")):
+            line["accuracy"] = float(c["accuracy"])
+    keys = list(lines)
+    rows = [["defense", "acc", "strongest"] + [names[a] for a in attacks]] + [
+        [_clip(f"{k[-2]} {k[-1]}".strip(), SUMMARY_LABEL),
+         "--" if v["accuracy"] is None else f"{v['accuracy']:.3f}",
+         names[max(v["psnr"], key=v["psnr"].get)] if v["psnr"] else "--"] + [v["text"].get(a, "--") for a in attacks]
+        for k, v in lines.items()]
+    text = ["acc: defended model's top-1; per attack: PSNR (dB), mean [95% CI]; strongest: highest mean PSNR"]
+    for n, chunk in enumerate(_chunks(rows, 3, width)):
+        columns = ([0, 1, 2] if n == 0 else [0]) + chunk
+        table = _layout([[r[i] for i in columns] for r in rows], {j for j, i in enumerate(columns) if i == 1 or i >= 3})
+        text += ([""] if n else []) + table[:1]
+        for i, line in enumerate(table[1:]):
+            if groups and (i == 0 or keys[i][:-2] != keys[i - 1][:-2]):
+                text.append(" | ".join(str(v) for v in keys[i][:-2]) + ":")
+            text.append(line)
+    text += [f"{names[a]} = {a}" for a in attacks] if letters else []
+    return "\n".join(_clip(line, width) for line in text)

@@ -1,13 +1,15 @@
-"""Train a zoo model on a dataset, with a checkpoint cache keyed by the hash of the training config."""
+"""Train a zoo model on a dataset, with a checkpoint cache keyed by the hash of the training config and the
+fingerprint of the training code (a checkpoint of other code is never loaded)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from splitnn import datasets as datasets_mod
 from splitnn import zoo
 from splitnn.errors import ParameterError, check_number
+from splitnn.fingerprint import code_fingerprint
 
 if TYPE_CHECKING:
     from defenses.base import Defense
@@ -33,6 +36,22 @@ def config_hash(config: dict[str, Any]) -> str:
     """A stable short hash of a JSON-able config (key order does not matter)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_save(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)``: into a unique temporary file beside it, flushed to disk, then
+    renamed into place, so a killed run never leaves half a file and concurrent writers never share one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,12 @@ class TrainConfig:
             if config[optional] is None:
                 del config[optional]
         return config_hash(config)
+
+    def checkpoint_fingerprint(self, defense: "Defense | None" = None) -> str:
+        """The fingerprint of the code a checkpoint of this config comes from: the training loop (with the zoo
+        and datasets it imports) and the training defense's module, if any (``defense``: the built one)."""
+        defense = defense if defense is not None else self.build_defense()
+        return code_fingerprint("splitnn.training", *([type(defense).__module__] if defense is not None else []))
 
     def build_defense(self) -> "Defense | None":
         """The training defense this config names, seeded with ``seed``; None when there is none."""
@@ -150,7 +175,8 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
 
     With a training defense (``config.defense``) the defense prepares the model (it may change the
     architecture, e.g. BatchNorm -> GroupNorm) and trains it; its report is kept with the checkpoint.
-    The checkpoint is ``<cache_dir>/models/<config hash>.pt`` (a state dict) with a JSON sidecar.
+    The checkpoint is ``<cache_dir>/models/<config hash>-<code fingerprint>.pt`` (a state dict) with a JSON
+    sidecar that records both; after a change in the training code or the package versions it retrains.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = data if data is not None else datasets_mod.get(config.dataset, **config.dataset_params)
@@ -159,7 +185,8 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
     model = build_model(config, data)
     if defense is not None:
         model = defense.prepare_model(model)
-    path = cache / "models" / f"{config.key()}.pt"
+    fingerprint = config.checkpoint_fingerprint(defense)
+    path = cache / "models" / f"{config.key()}-{fingerprint}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -180,13 +207,9 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
         model.eval()
     seconds = time.perf_counter() - start
     acc = accuracy(model, data.x_test, data.y_test)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names, then rename: a killed run never leaves a half-written checkpoint.
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(model.state_dict(), tmp)
-    meta_tmp = meta_path.with_suffix(".json.tmp")
-    meta_tmp.write_text(json.dumps({"config": asdict(config), "test_accuracy": acc, "train_seconds": seconds,
-                                    "defense_report": report}, indent=2, default=str))
-    os.replace(tmp, path)
-    os.replace(meta_tmp, meta_path)
+    meta = json.dumps({"config": asdict(config), "key": config.key(), "code_fingerprint": fingerprint,
+                       "test_accuracy": acc, "train_seconds": seconds, "defense_report": report},
+                      indent=2, default=str)
+    atomic_save(path, lambda file: torch.save(model.state_dict(), file))  # the sidecar last: it marks done
+    atomic_save(meta_path, lambda file: file.write(meta.encode()))
     return TrainedModel(model, config, acc, False, path, seconds, defense)

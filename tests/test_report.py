@@ -133,6 +133,7 @@ def test_report_is_self_contained_with_statuses_reasons_and_provenance(tiny_run)
     assert "solver exploded" in html and "no inverse here" in html
     assert "not applicable" in html and "failed" in html and "done" in html
     assert "git commit" in html and "torch" in html and "attack top-1" in html
+    assert "holds no stale rows" in html
     assert "LPIPS not computed" in html  # the lpips column is unavailable, with the reason
     sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
@@ -187,3 +188,40 @@ def test_one_reconstruction_grid_per_dataset_and_a_reason_when_one_cannot_load(t
     assert grids[2].originals is None and "gone" in grids[2].problem
     assert {"reconstructions_1_digits", "reconstructions_2_digits"} <= set(made)
     assert "reconstructions_3_gone" not in made and _is_png(made["reconstructions_1_digits"][0])
+
+
+def test_compact_summary_names_accuracy_each_attack_with_its_ci_and_the_strongest(frame):
+    from evaluation.tables import compact_summary
+
+    lines = compact_summary(frame).splitlines()
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:]}
+    assert list(rows) == ["none", "gaussian_noise scale=0.1", "gaussian_noise scale=0.5", "gaussian_noise scale=5.0"]
+    assert rows["none"].split()[1:3] == ["0.900", "rmle"]  # rMLE's 70 dB beats PEEL's 60
+    assert "60.0 [59.0, 61.0]" in rows["none"] and "70.0 [69.0, 71.0]" in rows["none"]
+    assert rows["gaussian_noise scale=0.1"].split()[3] == "peel" and "failed" in rows["gaussian_noise scale=0.1"]
+    assert rows["gaussian_noise scale=5.0"].endswith("n/a") and "0.500" in rows["gaussian_noise scale=5.0"]
+
+
+def test_compact_summary_fits_100_columns_on_a_realistic_frame(frame):
+    """Two cuts x four defenses x five attack variants with long names: letters with a legend, every line within
+    100 characters, and the attacks that do not fit on one line continue in a second block."""
+    from evaluation.tables import compact_summary
+
+    variants = [{"refine": True, "solver": "torch"}, {"refine": False, "solver": "paper"},
+                {"refine": False, "solver": "torch"}]
+    cells = []
+    for cut in ("layer1", "layer2"):
+        for _, c in frame.iterrows():
+            for i, params in enumerate([{"loss": "plain", "restarts": 1}, {"loss": "relu_consistency", "restarts": 2}]
+                                       if c["attack"] == "rmle" else variants):
+                shifted = {k: c[k] + i for k in ("psnr", "psnr_ci_low", "psnr_ci_high")}
+                cells.append({**c, **shifted, "cut": cut, "attack_params": json.dumps(params),
+                              "cell_key": f"{c['cell_key']}{cut}{i}"})
+    text = compact_summary(pd.DataFrame(cells))
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert lines.count("layer1:") == 2 and lines.count("layer2:") == 2  # one heading per cut in each block
+    assert "A = peel(refine=True, solver=torch)" in lines and "E = rmle(loss=relu_consistency, restarts=2)" in lines
+    none = [line for line in lines if line.startswith("none ")]
+    assert none[0].split()[2] == "E"  # rMLE with 71 dB, the strongest of the five
+    assert "62.0 [61.0, 63.0]" in text and "71.0 [70.0, 72.0]" in text
