@@ -230,7 +230,11 @@ class ResultStore:
     # -- reading --------------------------------------------------------------------------------
     def cells(self, keys: Iterable[str] | None = None) -> pd.DataFrame:
         """The cells (those of ``keys``, in that order), each with ``is_current`` (see ``mark_current``)."""
-        frame = mark_current(pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.connection))
+        frame = pd.read_sql_query("SELECT * FROM cells ORDER BY rowid", self.connection)
+        for name, sql_type in self.connection.execute("SELECT name, type FROM pragma_table_info('cells')"):
+            if sql_type == "REAL":  # an all-NULL column (e.g. no CI for too few images) reads back as objects
+                frame[name] = pd.to_numeric(frame[name], errors="coerce")
+        frame = mark_current(frame)
         if keys is not None:
             order = {k: i for i, k in enumerate(keys)}
             frame = frame[frame.cell_key.isin(order)]

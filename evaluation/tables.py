@@ -27,6 +27,11 @@ def _guarantee(text: str | None) -> str:
     return ", ".join(parts)
 
 
+def _ci_text(low: float | None, high: float | None, fmt: str) -> str:
+    """``[low, high]``, or ``no CI`` when the store has none (too few images for the bootstrap, or undefined)."""
+    return f"[{low:{fmt}}, {high:{fmt}}]" if pd.notna(low) and pd.notna(high) else "no CI"
+
+
 def result_table(cells: pd.DataFrame) -> pd.DataFrame:
     """A readable frame of the cells: identity, status, accuracy, guarantee, and each privacy metric with its
     95% CI."""
@@ -38,7 +43,7 @@ def result_table(cells: pd.DataFrame) -> pd.DataFrame:
         for metric in IMAGE_METRICS:
             if metric in c and pd.notna(c[metric]):
                 row[metric] = c[metric]
-                row[f"{metric} 95% CI"] = f"[{c[f'{metric}_ci_low']:.4g}, {c[f'{metric}_ci_high']:.4g}]"
+                row[f"{metric} 95% CI"] = _ci_text(c.get(f"{metric}_ci_low"), c.get(f"{metric}_ci_high"), ".4g")
             else:
                 row[metric] = None
         row["time (s)"] = c.get("wall_time_s")
@@ -223,8 +228,7 @@ def _psnr_text(cell: pd.Series) -> str:
         return missing_text(cell["status"])
     if pd.isna(cell.get("psnr")):
         return "--"
-    low, high = cell.get("psnr_ci_low"), cell.get("psnr_ci_high")
-    return f"{cell['psnr']:.1f}" + (f" [{low:.1f}, {high:.1f}]" if pd.notna(low) and pd.notna(high) else "")
+    return f"{cell['psnr']:.1f} {_ci_text(cell.get('psnr_ci_low'), cell.get('psnr_ci_high'), '.1f')}"
 
 
 def _clip(text: str, width: int) -> str:
@@ -282,7 +286,8 @@ def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
          "--" if v["accuracy"] is None else f"{v['accuracy']:.3f}",
          names[max(v["psnr"], key=v["psnr"].get)] if v["psnr"] else "--"] + [v["text"].get(a, "--") for a in attacks]
         for k, v in lines.items()]
-    text = ["acc: defended model's top-1; per attack: PSNR (dB), mean [95% CI]; strongest: highest mean PSNR"]
+    text = ["acc: the defended model's top-1 accuracy; strongest: the attack with the highest mean PSNR",
+            "per attack: PSNR (dB), mean [95% CI] (no CI: too few images for the bootstrap)"]
     for n, chunk in enumerate(_chunks(rows, 3, width)):
         columns = ([0, 1, 2] if n == 0 else [0]) + chunk
         table = _layout([[r[i] for i in columns] for r in rows], {j for j, i in enumerate(columns) if i == 1 or i >= 3})
