@@ -10,9 +10,14 @@ The method is projected L-BFGS with an active set ("two-metric projection", Bert
 at a bound whose gradient pushes outward are held fixed, the L-BFGS direction is taken on the free
 ones, and a backtracking line search on the projected path ``P(x + t·d)`` enforces the Armijo
 condition. Every iterate lies inside the bounds exactly.
+
+Budgets are counted per sample: ``evaluations`` is how many loss-and-gradient calls (one forward and one
+backward each) the sample's own solve needed, which is what it would cost alone; ``max_evals`` caps it.
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,6 +25,16 @@ import torch
 from splitnn.batch import per_sample
 
 PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]   # x (B, ...) -> loss (B,)
+
+
+@dataclass
+class BoxResult:
+    """The solution, and per sample (shape (B,)) the iterations and loss-and-gradient evaluations it took."""
+
+    x: torch.Tensor
+    iterations: torch.Tensor
+    evaluations: torch.Tensor
+    timed_out: bool = False   # the wall-clock deadline stopped the solve (then samples may have stopped early)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,25 +69,35 @@ def _free(x: torch.Tensor, grad: torch.Tensor, lower: float | None, upper: float
 
 def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None = None, upper: float | None = None,
                  max_iter: int = 100, history: int = 10, gtol: float = 1e-13, ftol: float = 1e-19,
-                 max_backtracks: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_backtracks: int = 30, max_evals: int | None = None, deadline: float | None = None) -> BoxResult:
     """Minimise ``loss(x)[b]`` for every sample ``b`` over ``lower <= x <= upper``, from ``x0``.
 
-    Returns the solution and each sample's number of iterations (a sample stops once its projected
-    gradient's largest entry is below ``gtol`` or an iteration lowers its loss by less than
-    ``ftol·max(|f|, 1)``, or its line search finds no decrease).
+    A sample stops once its projected gradient's largest entry is below ``gtol``, an iteration lowers its
+    loss by less than ``ftol·max(|f|, 1)``, its line search finds no decrease, or it has used ``max_evals``
+    evaluations (the start's included). ``deadline`` (a ``time.perf_counter()`` value) stops every sample.
     """
+    batch = x0.shape[0]
     x = project(x0.detach().clone(), lower, upper)
-    f, g = _value_and_grad(loss, x)
-    batch = x.shape[0]
-    active = torch.ones(batch, dtype=torch.bool)
+    evaluations = torch.zeros(batch, dtype=torch.long)
     iterations = torch.zeros(batch, dtype=torch.long)
+    if max_iter <= 0 or (max_evals is not None and max_evals <= 0) or _past(deadline):
+        return BoxResult(x, iterations, evaluations, _past(deadline))
+    f, g = _value_and_grad(loss, x)
+    evaluations += 1
+    active = torch.ones(batch, dtype=torch.bool)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (s, y, 1/(s·y) or 0 where unused)
     curved = torch.zeros(batch, dtype=torch.bool)    # the sample has a curvature pair (else: gradient steps)
+    timed_out = False
     for _ in range(max_iter):
         free = _free(x, g, lower, upper)
         g_free = g * free
         active &= g_free.flatten(1).abs().amax(1) > gtol
+        if max_evals is not None:
+            active &= evaluations < max_evals
         if not active.any():
+            break
+        if _past(deadline):
+            timed_out = True
             break
         direction = -_two_loop(g_free, pairs) * free
         uphill = _dot(direction, g) >= 0
@@ -85,8 +110,16 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
         x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
         pending = active.clone()
         for _ in range(max_backtracks):
+            if max_evals is not None:
+                pending &= evaluations < max_evals
+            if not pending.any():
+                break
+            if _past(deadline):
+                timed_out = True
+                break
             trial = project(x + per_sample(step, x) * direction, lower, upper)
             f_trial, g_trial = _value_and_grad(loss, trial)
+            evaluations += pending.long()
             ok = pending & (f_trial <= f + 1e-4 * _dot(g, trial - x)) & torch.isfinite(f_trial)
             mask = per_sample(ok, x)
             x_new = torch.where(mask, trial, x_new)
@@ -94,10 +127,8 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
             f_new = torch.where(ok, f_trial, f_new)
             accepted |= ok
             pending &= ~ok
-            if not pending.any():
-                break
             step = torch.where(pending, step * 0.5, step)
-        active &= accepted  # no decrease along the direction: this sample is done
+        active &= accepted  # no decrease along the direction (or no budget left): this sample is done
         iterations += active.long()
         s, y = x_new - x, g_new - g
         sy = _dot(s, y)
@@ -110,7 +141,13 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
         small_decrease = (f - f_new) <= ftol * torch.maximum(f.abs(), torch.ones_like(f))
         x, f, g = x_new, f_new, g_new
         active &= ~small_decrease
-    return x, iterations
+        if timed_out:
+            break
+    return BoxResult(x, iterations, evaluations, timed_out)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
 
 
 def _two_loop(grad: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, require_context, require_image_shape
+from attacks.base import Attack, Knowledge, Reconstruction, budget, require_context, require_image_shape
 from attacks.cache import cached_module
 from attacks.registry import register
 from splitnn.errors import check_number
@@ -108,5 +108,8 @@ class InverseNet(Attack):
                                             lambda d: losses.extend(self.train_decoder(d, aux_images, query)))
         with torch.no_grad():
             images = decoder.eval()(features.float()).to(features.dtype)
+        seconds = time.perf_counter() - start
+        none = torch.zeros(len(features), dtype=torch.long)  # no fit through the client: its cost is training
         return Reconstruction(images, {"from_cache": from_cache, "train_losses": losses,
-                                       "auxiliary_images": len(aux_images), "seconds": time.perf_counter() - start})
+                                       "auxiliary_images": len(aux_images), "seconds": seconds,
+                                       "budget": budget(seconds, none, none)})

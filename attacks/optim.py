@@ -1,27 +1,35 @@
-"""Fit an input so a known function reproduces an observed output: the solver rMLE and PEEL share."""
+"""Fit an input so a known function reproduces an observed output: the solver every attack's fit goes through.
+
+Every fit is ``attacks.box_lbfgs`` (one independent box-constrained L-BFGS problem per sample), so a sample's
+result and its budget never depend on the rest of its batch.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-import scipy.optimize
 import torch
-from threadpoolctl import threadpool_limits
 
 from attacks.box_lbfgs import minimize_box, project
-from splitnn.batch import per_sample, sample_norms
+from attacks.priors import Forward, Loss, squared_error
+from splitnn.batch import sample_norms
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["END_TO_END_HISTORY", "FitResult", "MultiStartFit", "fit_from_starts", "fit_input", "project", "relative_residual",
+           "sample_residuals", "split_budget"]
+
+#: L-BFGS memory of the end-to-end fits (rMLE, PEEL's refinement): SciPy's ``maxcor`` in the fits it replaced.
+END_TO_END_HISTORY = 20
 
 
 @dataclass
 class FitResult:
     x: torch.Tensor
-    iterations: int
-    residual: float       # ||f(x) - y|| / ||y|| after projection onto the bounds
+    iterations: torch.Tensor    # per sample, shape (B,)
+    evaluations: torch.Tensor   # loss-and-gradient calls (forward + backward) per sample, shape (B,)
+    residual: float             # ||f(x) - y|| / ||y|| over the batch, after projection onto the bounds
     seconds: float
+    timed_out: bool = False
 
 
 def relative_residual(forward: Forward, x: torch.Tensor, target: torch.Tensor) -> float:
@@ -35,104 +43,83 @@ def sample_residuals(forward: Forward, x: torch.Tensor, target: torch.Tensor) ->
     return sample_norms(forward(x) - target) / sample_norms(target).clamp_min(1e-30)
 
 
-def relu_active(target: torch.Tensor, zero_tol: float = 1e-5) -> torch.Tensor:
-    """Entries of a post-ReLU target that are positive; those below ``zero_tol · max|y|`` (per sample) count
-    as zeros, since a target recovered by an earlier solve (or sent in float32) has tiny positive values
-    where the true activation was exactly zero."""
-    scale = per_sample(target.flatten(1).abs().amax(dim=1), target)
-    return target > zero_tol * scale  # per sample, so samples stay independent
-
-
-def relu_violation(pre_activation: Forward, x: torch.Tensor, target: torch.Tensor) -> float:
-    """How far ``x`` breaks the post-ReLU zeros: ||max(z, 0)|| over the entries where ``y`` is zero, relative
-    to ||y||."""
-    with torch.no_grad():
-        z = pre_activation(x)
-        broken = torch.where(relu_active(target), torch.zeros_like(z), z.clamp_min(0))
-        return float(broken.norm() / target.norm().clamp_min(1e-30))
-
-
-def relu_consistency(pre_activation: Forward, target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``0.5·||ReLU(z(x)) - y||²`` per sample, written so that it stays smooth where the solution lies.
-
-    Where ``y > 0`` the pre-activation must equal ``y`` (a plain square, which keeps its
-    gradient even while ``z < 0``); where ``y == 0`` (see ``relu_active``) it only has to be
-    ``<= 0`` (a one-sided square, i.e. the post-ReLU zeros as inequality constraints).
-    """
-    active = relu_active(target)
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        z = pre_activation(x)
-        return 0.5 * torch.where(active, z - target, z.clamp_min(0)).pow(2).flatten(1).sum(1)
-    return loss
-
-
 def fit_input(forward: Forward, target: torch.Tensor, x0: torch.Tensor, *, lower: float | None = None,
-              upper: float | None = None, max_iter: int = 500, regulariser: Callable[[torch.Tensor], torch.Tensor]
-              | None = None, data_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              method: str = "scipy") -> FitResult:
-    """Minimise ``0.5·||f(x) - y||² (+ regulariser(x))`` over ``x`` in the box, from ``x0``.
+              upper: float | None = None, max_iter: int = 500, regulariser: Loss | None = None,
+              data_loss: Loss | None = None, max_evals: int | None = None, deadline: float | None = None,
+              history: int = 10) -> FitResult:
+    """Minimise ``0.5·||f(x) - y||² (+ regulariser(x))`` per sample over ``x`` in the box, from ``x0``.
 
-    ``data_loss`` replaces the squared error when given (e.g. ``relu_consistency``). Both keep ``x``
-    inside the bounds exactly:
-
-    - ``method="scipy"``: SciPy's L-BFGS-B on the whole batch at once (its loss is a sum of per-sample
-      terms, so samples do not interact in the objective, but they share the line search);
-    - ``method="torch"``: ``attacks.box_lbfgs``, one independent problem per sample, with no per-call
-      cost per variable (SciPy's bounds handling dominates short solves on feature maps). Here
-      ``data_loss`` and ``regulariser`` must give one value per sample.
-
-    ``residual`` is ``||f(x) - y|| / ||y||``.
+    ``data_loss`` replaces the squared error when given (e.g. ``priors.relu_consistency``); it and
+    ``regulariser`` give one value per sample. Each sample's objective is divided by its own ``||y||²``,
+    so the stopping tolerances mean the same at any feature scale. ``max_evals`` caps each sample's
+    evaluations, ``deadline`` (a ``time.perf_counter()`` value) the wall time.
     """
-    if method == "torch":
-        return _fit_input_torch(forward, target, x0, lower, upper, max_iter, regulariser, data_loss)
-    if method != "scipy":
-        raise ValueError(f"method: got {method!r}, expected 'scipy' or 'torch'")
     start = time.perf_counter()
-    x_start = project(x0.detach(), lower, upper)
-    shape, dtype = x_start.shape, x_start.dtype
-    # Scale the loss by 1/||y||² so SciPy's stopping tolerances mean the same at any feature scale:
-    # it stops once the relative residual stops improving at about the 1e-9 level.
-    scale = 1.0 / max(float(target.pow(2).sum()), 1e-30)
-
-    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
-        x = torch.from_numpy(flat).view(shape).to(dtype).requires_grad_(True)
-        loss = data_loss(x).sum() if data_loss is not None else 0.5 * (forward(x) - target).pow(2).sum()
-        if regulariser is not None:
-            loss = loss + regulariser(x).sum()
-        loss = loss * scale
-        (grad,) = torch.autograd.grad(loss, x)
-        return float(loss.detach()), grad.detach().double().reshape(-1).numpy()
-
-    iterations = 0
-    result = x_start
-    if max_iter > 0:
-        bounds = None if lower is None and upper is None else scipy.optimize.Bounds(
-            -np.inf if lower is None else lower, np.inf if upper is None else upper)
-        # One BLAS thread for SciPy: its idle OpenBLAS threads otherwise spin against torch's (10x slower).
-        with threadpool_limits(1, user_api="blas"):
-            solution = scipy.optimize.minimize(
-                objective, x_start.double().reshape(-1).numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
-                options={"maxiter": max_iter, "maxfun": int(max_iter * 1.5) + 10, "maxcor": 20,
-                         "ftol": 1e-19, "gtol": 1e-13})
-        iterations = int(solution.nit)
-        result = torch.from_numpy(solution.x).view(shape).to(dtype)
-    return FitResult(result, iterations, relative_residual(forward, result, target), time.perf_counter() - start)
-
-
-def _fit_input_torch(forward: Forward, target: torch.Tensor, x0: torch.Tensor, lower: float | None,
-                     upper: float | None, max_iter: int, regulariser: Callable[[torch.Tensor], torch.Tensor] | None,
-                     data_loss: Callable[[torch.Tensor], torch.Tensor] | None) -> FitResult:
-    start = time.perf_counter()
-    # Each sample's loss relative to its own ||y||², so the stopping tolerances mean the same at any scale.
     scale = 1.0 / target.pow(2).flatten(1).sum(1).clamp_min(1e-30)
+    data = data_loss if data_loss is not None else squared_error(forward, target)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        value = data_loss(x) if data_loss is not None else 0.5 * (forward(x) - target).pow(2).flatten(1).sum(1)
+        value = data(x)
         if regulariser is not None:
             value = value + regulariser(x)
         return value * scale
 
-    x, iterations = (minimize_box(loss, x0, lower=lower, upper=upper, max_iter=max_iter) if max_iter > 0
-                     else (project(x0.detach(), lower, upper), torch.zeros(1, dtype=torch.long)))
-    return FitResult(x, int(iterations.max()), relative_residual(forward, x, target), time.perf_counter() - start)
+    result = minimize_box(loss, x0, lower=lower, upper=upper, max_iter=max_iter, history=history,
+                          max_evals=max_evals, deadline=deadline)
+    return FitResult(result.x, result.iterations, result.evaluations, relative_residual(forward, result.x, target),
+                     time.perf_counter() - start, result.timed_out)
+
+
+def split_budget(total: int | None, parts: int) -> list[int | None]:
+    """``total`` evaluations shared by ``parts`` fits as evenly as possible (the first ones get the remainder)."""
+    if total is None:
+        return [None] * parts
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@dataclass
+class MultiStartFit:
+    """The per-sample winner of several fits: ``chosen[b]`` names the start whose fit sample ``b`` kept."""
+
+    x: torch.Tensor
+    chosen: list[str]
+    fits: dict[str, FitResult]
+    scores: dict[str, torch.Tensor]   # per start, each sample's score (lower wins)
+
+    @property
+    def iterations(self) -> torch.Tensor:
+        """Per sample, the iterations of all its fits together."""
+        return torch.stack([f.iterations for f in self.fits.values()]).sum(0)
+
+    @property
+    def evaluations(self) -> torch.Tensor:
+        """Per sample, the evaluations of all its fits together (what the choice cost)."""
+        return torch.stack([f.evaluations for f in self.fits.values()]).sum(0)
+
+    @property
+    def seconds(self) -> float:
+        return sum(f.seconds for f in self.fits.values())
+
+
+def fit_from_starts(forward: Forward, target: torch.Tensor, starts: dict[str, torch.Tensor], *,
+                    score: Callable[[torch.Tensor], torch.Tensor] | None = None, max_evals: int | None = None,
+                    max_seconds: float | None = None, **fit: object) -> MultiStartFit:
+    """``fit_input`` from each start in turn; per sample, the fit with the lowest ``score`` (default: its
+    relative feature residual, which needs no ground truth) wins.
+
+    ``max_evals`` (per sample) and ``max_seconds`` are shared by the starts: evaluations split evenly, and
+    each start may use the time left divided by the starts still to run.
+    """
+    score = score or (lambda x: sample_residuals(forward, x, target))
+    caps = split_budget(max_evals, len(starts))
+    end = None if max_seconds is None else time.perf_counter() + max_seconds
+    fits: dict[str, FitResult] = {}
+    for i, (name, x0) in enumerate(starts.items()):
+        deadline = None if end is None else time.perf_counter() + (end - time.perf_counter()) / (len(starts) - i)
+        fits[name] = fit_input(forward, target, x0, max_evals=caps[i], deadline=deadline, **fit)  # type: ignore[arg-type]
+    names = list(fits)
+    with torch.no_grad():
+        scores = {k: score(fits[k].x) for k in names}
+    choice = torch.stack([scores[k] for k in names]).argmin(0)
+    x = torch.stack([fits[k].x for k in names])[choice, torch.arange(len(choice))]
+    return MultiStartFit(x, [names[i] for i in choice.tolist()], fits, scores)

@@ -2,55 +2,129 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
-from attacks.optim import fit_input
+from attacks.base import Attack, Knowledge, Reconstruction, budget, require_image_shape
+from attacks.optim import END_TO_END_HISTORY, fit_from_starts, relative_residual
+from attacks.peel.chain import chain, end_to_end_loss
+from attacks.peel.stages import UnsupportedLayerError, build_stages, extract_stages
+from attacks.priors import Forward, Loss, total_variation
 from attacks.registry import register
-from splitnn.errors import check_choice, check_number
+from splitnn.errors import ParameterError, check_choice, check_number
+
+START_KINDS = ("grey", "zeros", "uniform")
+MAX_STARTS = 64
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation summed over each image, then over the batch."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().sum() + (x[..., :, 1:] - x[..., :, :-1]).abs().sum()
+def _normalise_starts(starts: Any) -> list[str]:
+    """A list of start kinds, or a count k: grey then k - 1 seeded uniform starts."""
+    if isinstance(starts, int) and not isinstance(starts, bool):
+        count = check_number("starts", starts, low=1, high=MAX_STARTS, integer=True)
+        return ["grey"] + ["uniform"] * (count - 1)
+    if isinstance(starts, str):
+        starts = [starts]
+    if not isinstance(starts, (list, tuple)) or not 1 <= len(starts) <= MAX_STARTS:
+        raise ParameterError("starts", starts, f"a count 1..{MAX_STARTS} or a list of 1..{MAX_STARTS} of "
+                             + ", ".join(START_KINDS))
+    return [check_choice("starts", s, START_KINDS) for s in starts]
+
+
+def sample_seed(features: torch.Tensor, seed: int, index: int) -> int:
+    """A seed for one sample's random start, from its own observed features (so it does not depend on the
+    sample's position or batch) and the attack's seed."""
+    digest = hashlib.sha256(features.detach().cpu().double().contiguous().numpy().tobytes())
+    digest.update(f"{seed}/{index}".encode())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def start_image(kind: str, index: int, features: torch.Tensor, shape: tuple[int, int, int], seed: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The batch of start images of one kind (``index``: which start it is, so repeated uniforms differ)."""
+    n = features.shape[0]
+    if kind == "grey":
+        return torch.full((n, *shape), 0.5, dtype=dtype)
+    if kind == "zeros":
+        return torch.zeros((n, *shape), dtype=dtype)
+    return torch.stack([torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(
+        sample_seed(features[b], seed, index))) for b in range(n)])
 
 
 @register("rmle")
 class RMLE(Attack):
     """White-box regularised maximum-likelihood estimation: argmin_x ||client(x) - f||² + λ·TV(x), x in [0, 1].
 
-    Solved with L-BFGS from a grey image (``dtype`` float64 by default for precision).
+    Solved per sample with the box-constrained L-BFGS every fit uses (``attacks.box_lbfgs``), in float64 by
+    default. He et al.'s attack is the default (plain loss, one grey start). For an equal-budget ablation
+    against PEEL: ``loss="relu_consistency"`` is PEEL's refinement loss, ``starts`` several starts of which
+    each sample keeps the fit whose features match its observation best (as PEEL's refinement picks),
+    ``max_evaluations`` caps the end-to-end evaluations per sample (split across the starts) and
+    ``max_seconds`` the wall time. ``iterations`` caps each start's L-BFGS iterations.
     """
 
     knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
 
-    def __init__(self, iterations: int = 500, tv_weight: float = 0.0, init: str = "gray",
+    def __init__(self, iterations: int = 500, tv_weight: float = 0.0, starts: Any = ("grey",), loss: str = "plain",
+                 max_evaluations: int | None = None, max_seconds: float | None = None, seed: int = 0,
                  dtype: str = "float64"):
-        self.iterations = check_number("iterations", iterations, low=1, integer=True)
-        self.tv_weight = float(check_number("tv_weight", tv_weight, low=0))
-        self.init = check_choice("init", init, ("gray", "zeros"))
+        self.iterations = check_number("iterations", iterations, low=1, high=10 ** 6, integer=True)
+        self.tv_weight = float(check_number("tv_weight", tv_weight, low=0, high=1e6))
+        self.starts = _normalise_starts(starts)
+        self.loss = check_choice("loss", loss, ("plain", "relu_consistency"))
+        self.max_evaluations = None if max_evaluations is None else check_number(
+            "max_evaluations", max_evaluations, low=len(self.starts), high=10 ** 7, integer=True)
+        self.max_seconds = None if max_seconds is None else float(check_number(
+            "max_seconds", max_seconds, low=0, high=86400, low_open=True))
+        self.seed = check_number("seed", seed, low=0, high=2 ** 31 - 1, integer=True)
         self.dtype = check_choice("dtype", dtype, ("float32", "float64"))
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "tv_weight": self.tv_weight, "init": self.init,
-                "dtype": self.dtype}
+        return {"iterations": self.iterations, "tv_weight": self.tv_weight, "starts": list(self.starts),
+                "loss": self.loss, "max_evaluations": self.max_evaluations, "max_seconds": self.max_seconds,
+                "seed": self.seed, "dtype": self.dtype}
+
+    def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
+        if self.loss == "relu_consistency":  # needs the client's last ReLU, which PEEL's stages expose
+            try:
+                build_stages(client)
+            except UnsupportedLayerError as exc:
+                return False, f"loss relu_consistency needs PEEL's stages of the client: {exc}"
+        return True, ""
+
+    def objective(self, client: nn.Module, shape: tuple[int, int, int], dtype: torch.dtype,
+                  target: torch.Tensor) -> tuple[Forward, Loss | None]:
+        """The forward map and the data term (``None``: the plain squared error)."""
+        if self.loss == "relu_consistency":
+            stages = extract_stages(client, shape, dtype)
+            return chain(stages), end_to_end_loss(stages, target)
+        model = copy.deepcopy(client).eval().to(dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, None
 
     def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
         shape = require_image_shape(ctx)
         dtype = getattr(torch, self.dtype)
         start = time.perf_counter()
-        model = copy.deepcopy(client).eval().to(dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
         target = features.detach().to(dtype)
-        x0 = torch.full((features.shape[0], *shape), 0.5 if self.init == "gray" else 0.0, dtype=dtype)
+        forward, data_loss = self.objective(client, shape, dtype, target)
+        names = [kind if self.starts.count(kind) == 1 else f"{kind}{i}" for i, kind in enumerate(self.starts)]
+        starts = {name: start_image(kind, i, target, shape, self.seed, dtype)
+                  for i, (name, kind) in enumerate(zip(names, self.starts))}
         regulariser = (lambda x: self.tv_weight * total_variation(x)) if self.tv_weight > 0 else None
-        fit = fit_input(model, target, x0, lower=0.0, upper=1.0, max_iter=self.iterations,
-                        regulariser=regulariser)
+        fit = fit_from_starts(forward, target, starts, max_evals=self.max_evaluations, max_seconds=self.max_seconds,
+                              lower=0.0, upper=1.0, max_iter=self.iterations, regulariser=regulariser,
+                              data_loss=data_loss, history=END_TO_END_HISTORY)
+        seconds = time.perf_counter() - start
         return Reconstruction(fit.x.to(features.dtype), {
-            "iterations": fit.iterations, "residual": fit.residual, "seconds": time.perf_counter() - start})
+            "iterations": int(fit.iterations.max()), "residual": relative_residual(forward, fit.x, target),
+            "start": fit.chosen,
+            "start_residuals": {k: f.residual for k, f in fit.fits.items()}, "loss": self.loss,
+            "timed_out": any(f.timed_out for f in fit.fits.values()), "seconds": seconds,
+            "budget": budget(seconds, fit.iterations, fit.evaluations)})
+

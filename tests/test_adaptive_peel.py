@@ -6,7 +6,7 @@ import torch
 import attacks
 import defenses
 from attack_fixtures import digits16, psnr, trained_split
-from attacks.base import Knowledge
+from attacks.base import Knowledge, PublicDefense
 from attacks.peel.adaptive import read_defense
 from defenses.base import Defense
 from splitnn.errors import ParameterError
@@ -27,9 +27,10 @@ def _both(setting, defense):
         defense.fit(client, server, data.x_train, data.y_train)
     with torch.no_grad():
         features = defense(client(x))
-    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=defense)
+    public = PublicDefense.of(defense)
+    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=public)
     adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, image_shape=data.shape,
-                                                                        defense=defense)
+                                                                        defense=public)
     return psnr(plain.images, x), psnr(adaptive.images, x), adaptive
 
 
@@ -63,9 +64,10 @@ def test_unknown_defense_is_plain_peel_and_says_so(setting):
     defense = _Mystery()
     with torch.no_grad():
         features = defense(client(x))
-    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=defense)
+    public = PublicDefense.of(defense)
+    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=public)
     adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, image_shape=data.shape,
-                                                                        defense=defense)
+                                                                        defense=public)
     assert torch.equal(plain.images, adaptive.images)
     assert adaptive.diagnostics["adaptive"]["model"] == "unknown"
     assert "plain PEEL" in adaptive.diagnostics["adaptive"]["note"]
@@ -77,13 +79,42 @@ def test_the_readings_hold_the_clean_features(setting):
     with torch.no_grad():
         clean = client(x).double()
     for bits in (2, 4):
-        reading = read_defense(defenses.get("quantization", bits=bits), defenses.get("quantization", bits=bits)(clean))
+        quantize = defenses.get("quantization", bits=bits)
+        reading = read_defense(PublicDefense.of(quantize), quantize(clean))
         assert bool(((reading.low <= clean + 1e-9) & (clean <= reading.high + 1e-9)).all())
-    noisy = defenses.get("gaussian_noise", scale=0.3)(clean)
-    reading = read_defense(defenses.get("gaussian_noise", scale=0.3), noisy)
+    noise = defenses.get("gaussian_noise", scale=0.3)
+    reading = read_defense(PublicDefense.of(noise), noise(clean))
     true_sigma = 0.3 * clean.flatten(1).pow(2).mean(dim=1).sqrt()
     assert torch.allclose(reading.sigma.flatten(), true_sigma, rtol=0.05)
-    assert reading.relative_noise == pytest.approx(0.3, rel=0.05)
+    assert reading.relative_noise.shape == (len(clean),)  # per sample
+    assert float(reading.relative_noise.mean()) == pytest.approx(0.3, rel=0.05)
+
+
+class _Replayable(defenses.noise.GaussianNoise):
+    """Gaussian noise whose random stream an attacker must not touch: reading it fails the test."""
+
+    def generator(self, device):
+        if getattr(self, "sealed", False):
+            raise AssertionError("the attack reached the defense's random state")
+        return super().generator(device)
+
+
+def test_adaptive_peel_never_reaches_the_defense_random_state(setting):
+    data, client, _, x = setting
+    defense = _Replayable(scale=0.3)
+    with torch.no_grad():
+        features = defense(client(x[:2]))
+    defense.sealed = True
+    public = PublicDefense.of(defense)
+    assert (public.name, public.kind, public.params) == ("gaussian_noise", "transform", defense.params)
+    assert not hasattr(public, "generator") and not hasattr(public, "_generator")
+    public.params["scale"] = 9.0
+    assert defense.scale == 0.3  # the attacker holds a copy of the public parameters
+    with pytest.raises(TypeError, match="PublicDefense"):
+        read_defense(defense, features)
+    peel = attacks.get("peel", adaptive=True, max_iter=5, refine_iter=5)
+    rec = peel.reconstruct(client, features, image_shape=data.shape, defense=defense)  # converted at the boundary
+    assert rec.diagnostics["adaptive"]["model"] == "noise"
 
 
 def test_adaptive_knowledge_and_parameters():

@@ -12,6 +12,9 @@ kind and public parameters, turned into the loss each fit minimises.
   the squared distance to the bin centre (the Gaussian surrogate, std width/sqrt 12, which also weights
   the TV prior) plus ``BIN_WEIGHT`` x the squared distance outside the bin.
 - ``none``: the exact fit of plain PEEL. Anything else: plain PEEL, and the diagnostics say so.
+
+The attacker reads a ``PublicDefense`` (name, kind, public parameters), never the defense object and its
+random state. Every data term and prior gives one value per sample, so each sample is fitted on its own.
 """
 from __future__ import annotations
 
@@ -22,14 +25,15 @@ from typing import Any, Callable
 
 import torch
 
-from attacks.optim import FitResult, fit_input, relu_violation
+from attacks.base import PublicDefense
+from attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, fit_input
+from attacks.peel.chain import chain
 from attacks.peel.solver import warm_start
 from attacks.peel.stages import Stage
-from attacks.rmle import total_variation
+from attacks.priors import (Forward, Loss, combined, least_norm, relu_violation, squared_error, sum_per_sample,
+                            total_variation)
+from defenses.noise import FeatureDP
 from splitnn.batch import per_sample
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
-Loss = Callable[[torch.Tensor], torch.Tensor]
 
 NOISE = ("gaussian_noise", "laplace_noise", "feature_dp")
 MASKING = ("pruning", "topk", "dropout")
@@ -50,7 +54,7 @@ class DefenseReading:
     note: str
     observed: torch.Tensor
     sigma: torch.Tensor | None = None          # noise std per sample, broadcastable against y
-    relative_noise: float = 0.0                # σ relative to the clean features' RMS (mean over samples)
+    relative_noise: torch.Tensor | None = None  # per sample (B,): σ relative to the clean features' RMS
     clip: Callable[[torch.Tensor], torch.Tensor] | None = None
     mask: torch.Tensor | None = None           # released entries
     scale: float = 1.0                         # y = scale * f on released entries (dropout's 1/(1-p))
@@ -68,11 +72,12 @@ class DefenseReading:
         out = {"defense": self.defense, "model": self.kind, "note": self.note, **self.extras}
         if self.sigma is not None:
             out["noise_sigma_mean"] = float(self.sigma.mean())
-            out["relative_noise"] = self.relative_noise
+        if self.relative_noise is not None:
+            out["relative_noise"] = float(self.relative_noise.mean())
         return out
 
     def data_loss(self, forward: Forward, pre_relu: Forward | None = None) -> Loss:
-        """The data term for a fit whose output is the observed features: half a sum of squares.
+        """The data term for a fit whose output is the observed features: half a sum of squares per sample.
 
         ``pre_relu`` (``forward`` without its final ReLU, when it has one) keeps the masked and quantized
         terms smooth: a released positive value or a bin above zero pins the pre-activation itself,
@@ -83,7 +88,7 @@ class DefenseReading:
             return self._through_relu(pre_relu)
         if self.kind == "noise":
             clip = self.clip or (lambda f: f)
-            return lambda x: 0.5 * (clip(forward(x)) - y).pow(2).sum()
+            return squared_error(lambda x: clip(forward(x)), y)
         if self.kind == "masked":
             assert self.mask is not None
             released = self.mask
@@ -91,10 +96,10 @@ class DefenseReading:
 
             def masked(x: torch.Tensor) -> torch.Tensor:
                 f = forward(x)
-                loss = 0.5 * torch.where(released, f - target, torch.zeros_like(f)).pow(2).sum()
+                loss = 0.5 * sum_per_sample(torch.where(released, f - target, torch.zeros_like(f)).pow(2))
                 if self.threshold is not None:  # top-k: what was dropped was no larger than what was kept
                     excess = (f.abs() - self.threshold).clamp_min(0)
-                    loss = loss + 0.5 * torch.where(released, torch.zeros_like(f), excess).pow(2).sum()
+                    loss = loss + 0.5 * sum_per_sample(torch.where(released, torch.zeros_like(f), excess).pow(2))
                 return loss
             return masked
         if self.kind == "quantized":
@@ -103,10 +108,10 @@ class DefenseReading:
 
             def within_bins(x: torch.Tensor) -> torch.Tensor:
                 f = forward(x)
-                outside = (low - f).clamp_min(0).pow(2).sum() + (f - high).clamp_min(0).pow(2).sum()
-                return 0.5 * ((f - y).pow(2).sum() + BIN_WEIGHT * outside)
+                outside = sum_per_sample((low - f).clamp_min(0).pow(2) + (f - high).clamp_min(0).pow(2))
+                return 0.5 * (sum_per_sample((f - y).pow(2)) + BIN_WEIGHT * outside)
             return within_bins
-        return lambda x: 0.5 * (forward(x) - y).pow(2).sum()
+        return squared_error(forward, y)
 
     def _through_relu(self, pre_relu: Forward) -> Loss:
         """The masked or quantized term on the pre-activation z of a ReLU output f = max(z, 0)."""
@@ -119,9 +124,9 @@ class DefenseReading:
                 zero = torch.zeros_like(z)
                 # a released zero of a ReLU output only says z <= 0 (e.g. in the channels pruning keeps)
                 fit = torch.where(target > 0, z - target, z.clamp_min(0))
-                loss = 0.5 * torch.where(released, fit, zero).pow(2).sum()
+                loss = 0.5 * sum_per_sample(torch.where(released, fit, zero).pow(2))
                 if threshold is not None:  # f <= t  <=>  z <= t, for t >= 0
-                    loss = loss + 0.5 * torch.where(released, zero, (z - threshold).clamp_min(0)).pow(2).sum()
+                    loss = loss + 0.5 * sum_per_sample(torch.where(released, zero, (z - threshold).clamp_min(0)).pow(2))
                 return loss
             return masked
         assert self.low is not None and self.high is not None
@@ -134,8 +139,8 @@ class DefenseReading:
             z = pre_relu(x)
             below = torch.where(above_zero, (low - z).clamp_min(0), torch.zeros_like(z))
             centre = torch.where(above_zero, z, z.clamp_min(0)) - y
-            outside = below.pow(2).sum() + (z - high).clamp_min(0).pow(2).sum()
-            return 0.5 * (centre.pow(2).sum() + BIN_WEIGHT * outside)
+            outside = sum_per_sample(below.pow(2) + (z - high).clamp_min(0).pow(2))
+            return 0.5 * (sum_per_sample(centre.pow(2)) + BIN_WEIGHT * outside)
         return within_bins
 
     def image_prior(self, tv_weight: float, tv_prior: float) -> Loss | None:
@@ -144,17 +149,21 @@ class DefenseReading:
             weights = (self.sigma.flatten(1)[:, 0] ** 2) * tv_prior  # per sample
 
             def prior(x: torch.Tensor) -> torch.Tensor:
-                per_sample = torch.stack([total_variation(xi) for xi in x])
-                return (weights.to(x.dtype) * per_sample).sum() + tv_weight * per_sample.sum()
+                return (weights.to(x.dtype) + tv_weight) * total_variation(x)
             return prior
         return (lambda x: tv_weight * total_variation(x)) if tv_weight > 0 else None
 
 
-def read_defense(defense: Any, observed: torch.Tensor) -> DefenseReading:
-    """How ``observed`` came from the clean features, given ``defense`` (its name and public parameters)."""
-    name = getattr(defense, "name", None) if defense is not None else "none"
-    params = dict(getattr(defense, "params", {}) or {})
-    y = observed
+def read_defense(defense: PublicDefense, observed: torch.Tensor) -> DefenseReading:
+    """How ``observed`` came from the clean features, given the defense's name and public parameters.
+
+    A Defense object is refused (use ``PublicDefense.of(defense)``): its random state is not public.
+    """
+    if not isinstance(defense, PublicDefense):
+        raise TypeError(f"read_defense needs a PublicDefense (PublicDefense.of(defense)), not "
+                        f"{type(defense).__name__}: a defense-aware attacker knows the defense's kind and public "
+                        "parameters, never its random state")
+    name, params, y = defense.name, dict(defense.params), observed
     if name == "none":
         return DefenseReading("none", "exact", "no defense: exact fit", y)
     if name in ("gaussian_noise", "laplace_noise"):
@@ -168,10 +177,8 @@ def read_defense(defense: Any, observed: torch.Tensor) -> DefenseReading:
         else:
             sigma = per_sample(torch.full_like(y.flatten(1)[:, 0], scale), y)
         return _noise(name, y, sigma, None, f"noise of std σ (scale {scale}): MAP with a TV prior")
-    if name == "feature_dp":
-        from defenses.noise import FeatureDP
-
-        dp = defense if isinstance(defense, FeatureDP) else FeatureDP(**params)
+    if name == "feature_dp":  # rebuilt from its public parameters, for its deterministic clipping and noise scale
+        dp = FeatureDP(**params)
         std = dp.noise_scale * (math.sqrt(2.0) if dp.mechanism == "laplace" else 1.0)
         if std == 0 and math.isinf(dp.clip):
             return DefenseReading(name, "exact", "epsilon inf, clip inf: exact fit", y)
@@ -179,7 +186,7 @@ def read_defense(defense: Any, observed: torch.Tensor) -> DefenseReading:
         return _noise(name, y, sigma, dp.clip_features, "clipped features plus calibrated noise: MAP with a "
                       "TV prior, clipping in the forward model")
     if name in MASKING:
-        return _masking(name, defense, params, y)
+        return _masking(name, params, y)
     if name == "quantization":
         return _quantization(params, y)
     return DefenseReading(str(name), "unknown", f"no model of defense {name!r}: plain PEEL", y)
@@ -187,21 +194,20 @@ def read_defense(defense: Any, observed: torch.Tensor) -> DefenseReading:
 
 def _noise(name: str, y: torch.Tensor, sigma: torch.Tensor, clip: Callable | None, note: str) -> DefenseReading:
     clean_rms = (y.flatten(1).pow(2).mean(dim=1) - sigma.flatten(1)[:, 0] ** 2).clamp_min(1e-30).sqrt()
-    relative = float((sigma.flatten(1)[:, 0] / clean_rms).mean())
+    relative = sigma.flatten(1)[:, 0] / clean_rms
     return DefenseReading(name, "noise", note, y, sigma=sigma, relative_noise=relative, clip=clip)
 
 
-def _masking(name: str, defense: Any, params: dict[str, Any], y: torch.Tensor) -> DefenseReading:
+def _masking(name: str, params: dict[str, Any], y: torch.Tensor) -> DefenseReading:
     if name == "pruning":
-        removed = getattr(defense, "removed", None)
-        if removed is None:  # not fitted here: the pruned channels are the ones that are zero in every sample
-            removed = [c for c in range(y.shape[1]) if not bool(y[:, c].ne(0).any())]
-        if not removed:
+        # The pruned channels are not public (the defense chose them on training data); in the observation they
+        # are zero throughout. Read per sample (a channel zero in the whole sample), so samples stay independent.
+        if int(float(params.get("ratio", 0.0)) * y.shape[1]) == 0:  # as many channels as the defense removes
             return DefenseReading(name, "exact", "no channel pruned: exact fit", y)
-        mask = torch.ones_like(y, dtype=torch.bool)
-        mask[:, removed] = False
-        return DefenseReading(name, "masked", f"fit on the {y.shape[1] - len(removed)} released channels", y,
-                              mask=mask, extras={"removed_channels": len(removed)})
+        released = y.flatten(2).ne(0).any(dim=2) if y.dim() > 2 else y.ne(0)   # (B, C)
+        mask = released.view(*released.shape, *([1] * (y.dim() - 2))).expand_as(y)
+        return DefenseReading(name, "masked", "fit on the channels not zero throughout the sample", y, mask=mask,
+                              extras={"removed_channels": float((~released).sum(dim=1).double().mean())})
     mask = y.ne(0)
     if name == "topk":
         if float(params.get("keep", 1.0)) >= 1.0:
@@ -258,45 +264,30 @@ def invert_stage_adaptive(stage: Stage, target: torch.Tensor, reading: DefenseRe
     if at_cut:  # the target is the observed features themselves
         data_loss = reading.data_loss(stage.forward, stage.pre_relu)
     else:
-        data_loss = lambda x: 0.5 * (stage.forward(x) - target).pow(2).sum()  # noqa: E731
+        data_loss = squared_error(stage.forward, target)
     regulariser = None
-    if reading.kind == "noise":
-        weight = reading.relative_noise ** 2 * float(target.pow(2).sum()) / max(float(x0.pow(2).sum()), 1e-30)
-        regulariser = lambda v: 0.5 * weight * (v - x0).pow(2).sum()  # noqa: E731
+    if reading.kind == "noise" and reading.relative_noise is not None:  # per sample: s_b²·||y_b||² / ||x0_b||²
+        weight = reading.relative_noise ** 2 * sum_per_sample(target.pow(2)) / sum_per_sample(x0.pow(2)).clamp_min(1e-30)
+        regulariser = least_norm(weight.to(x0.dtype), centre=x0)
     fit = fit_input(stage.forward, target, x0, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
                     regulariser=regulariser)
     return fit.x, {"stage": stage.name, "kind": "adaptive " + reading.kind, "fixed_point_iterations": 0,
-                   "lbfgs_iterations": fit.iterations, "residual": fit.residual,
+                   "lbfgs_iterations": int(fit.iterations.max()), "evaluations": fit.evaluations.tolist(),
+                   "residual": fit.residual,
                    "constraint_violation": relu_violation(stage.pre_relu, fit.x, seen) if stage.pre_relu else 0.0,
                    "seconds": time.perf_counter() - start}
 
 
-def objective(loss: Loss, prior: Loss | None, x: torch.Tensor) -> float:
-    """The refinement's objective at ``x`` (data term plus prior): what picks between fits under a defense,
-    since the bare residual rewards fitting the noise."""
-    with torch.no_grad():
-        value = loss(x)
-        if prior is not None:
-            value = value + prior(x)
-    return float(value)
-
-
-def fit_image_adaptive(stages: list[Stage], reading: DefenseReading, start: torch.Tensor, iterations: int,
-                       tv_weight: float, tv_prior: float) -> tuple[FitResult, float]:
-    """End-to-end fit of the image through every stage under the reading; returns the fit and its objective."""
-    forward, head = _chain(stages), _chain(stages[:-1])
+def refine_adaptive(stages: list[Stage], reading: DefenseReading, starts: dict[str, torch.Tensor], *,
+                    iterations: int, tv_weight: float, tv_prior: float, max_evals: int | None = None,
+                    max_seconds: float | None = None) -> MultiStartFit:
+    """End-to-end fits of the image through every stage under the reading, one per start; per sample the fit
+    with the lower objective (data term plus prior) wins, since the bare residual rewards fitting the noise."""
+    forward, head = chain(stages), chain(stages[:-1])
     last = stages[-1].pre_relu
     pre_relu = (lambda x: last(head(x))) if last is not None else None
     prior = reading.image_prior(tv_weight, tv_prior)
     loss = reading.data_loss(forward, pre_relu)
-    fit = fit_input(forward, reading.observed, start, lower=0.0, upper=1.0, max_iter=iterations,
-                    regulariser=prior, data_loss=loss)
-    return fit, objective(loss, prior, fit.x)
-
-
-def _chain(stages: list[Stage]) -> Forward:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for stage in stages:
-            x = stage.forward(x)
-        return x
-    return forward
+    return fit_from_starts(forward, reading.observed, starts, score=combined(loss, prior), max_evals=max_evals,
+                           max_seconds=max_seconds, lower=0.0, upper=1.0, max_iter=iterations, regulariser=prior,
+                           data_loss=loss, history=END_TO_END_HISTORY)

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, require_image_shape
-from attacks.optim import FitResult, fit_input, relative_residual, relu_consistency, sample_residuals
-from attacks.peel.adaptive import DefenseReading, fit_image_adaptive, invert_stage_adaptive, read_defense
+from attacks.base import Attack, Knowledge, PublicDefense, Reconstruction, budget, require_image_shape
+from attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, relative_residual
+from attacks.peel.adaptive import DefenseReading, invert_stage_adaptive, read_defense, refine_adaptive
+from attacks.peel.chain import chain, end_to_end_loss
 from attacks.peel.paper_solver import invert_stage_paper
 from attacks.peel.solver import invert_stage
 from attacks.peel.stages import Stage, UnsupportedLayerError, build_stages, extract_stages
+from attacks.priors import total_variation
 from attacks.registry import register
-from attacks.rmle import total_variation
 from splitnn.errors import check_bool, check_choice, check_number
 
 
@@ -46,26 +47,27 @@ class PEEL(Attack):
     image; with ``also_from_grey`` a second fit from rMLE's grey start runs too and, per sample, the one
     whose features match that sample's observation better wins (no ground truth is used), so refined
     PEEL is never behind rMLE on its own objective.
-    ``refine=False`` is pure block-wise PEEL.
+    ``refine=False`` is pure block-wise PEEL. Every fit is ``attacks.box_lbfgs``, one problem per sample.
+    ``max_evaluations`` caps the refinement's end-to-end evaluations per sample (split across its starts),
+    ``max_seconds`` the whole attack's wall time (the refinement gets what the block-wise stage left).
 
-    ``chaining="oracle_reset"`` restarts every stage from the *true* features at its output, as
-    the authors' code did; it needs ``truth`` and is only for reproducing their per-block numbers.
+    The result's ``intermediates`` are the recovered inputs of every stage (input side first), for the
+    evaluator's per-block errors (``attacks.peel.stage_input_errors``); PEEL never sees the truth.
 
     ``adaptive=True`` is defense-aware PEEL (knowledge adds DEFENSE): it reads the ``defense`` passed to
-    ``reconstruct`` (kind and public parameters) and fits what the defense released instead of an exact
-    fit (see ``attacks.peel.adaptive``; ``tv_prior`` is the rate β of its TV prior under noise).
+    ``reconstruct`` as a ``PublicDefense`` (kind and public parameters) and fits what the defense released
+    instead of an exact fit (see ``attacks.peel.adaptive``; ``tv_prior`` is the rate β of its TV prior).
     """
 
     knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
 
-    def __init__(self, solver: str = "default", refine: bool = True, chaining: str = "honest",
+    def __init__(self, solver: str = "default", refine: bool = True,
                  max_iter: int = 300, fixed_point_iters: int = 100, refine_iter: int = 500,
                  tv_weight: float = 0.0, also_from_grey: bool = True, prior_weight: float = 1.0,
-                 block_iter: int = 10,
-                 dtype: str = "float64", adaptive: bool = False, tv_prior: float = 5.0):
+                 block_iter: int = 10, dtype: str = "float64", adaptive: bool = False, tv_prior: float = 5.0,
+                 max_evaluations: int | None = None, max_seconds: float | None = None):
         self.solver = check_choice("solver", solver, ("default", "paper"))
         self.refine = check_bool("refine", refine)
-        self.chaining = check_choice("chaining", chaining, ("honest", "oracle_reset"))
         self.max_iter = check_number("max_iter", max_iter, low=0, integer=True)
         self.block_iter = check_number("block_iter", block_iter, low=0, integer=True)
         self.fixed_point_iters = check_number("fixed_point_iters", fixed_point_iters, low=0, integer=True)
@@ -76,17 +78,21 @@ class PEEL(Attack):
         self.dtype = check_choice("dtype", dtype, ("float32", "float64"))
         self.adaptive = check_bool("adaptive", adaptive)
         self.tv_prior = float(check_number("tv_prior", tv_prior, low=0))
+        self.max_evaluations = None if max_evaluations is None else check_number(
+            "max_evaluations", max_evaluations, low=2 if self.also_from_grey else 1, high=10 ** 7, integer=True)
+        self.max_seconds = None if max_seconds is None else float(check_number(
+            "max_seconds", max_seconds, low=0, high=86400, low_open=True))
         if self.adaptive:  # per instance: the defense-aware variant knows more than plain PEEL
             self.knowledge = PEEL.knowledge | {Knowledge.DEFENSE}
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"solver": self.solver, "refine": self.refine, "chaining": self.chaining, "max_iter": self.max_iter,
+        return {"solver": self.solver, "refine": self.refine, "max_iter": self.max_iter,
                 "block_iter": self.block_iter, "fixed_point_iters": self.fixed_point_iters,
                 "refine_iter": self.refine_iter,
                 "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey,
                 "prior_weight": self.prior_weight, "dtype": self.dtype, "adaptive": self.adaptive,
-                "tv_prior": self.tv_prior}
+                "tv_prior": self.tv_prior, "max_evaluations": self.max_evaluations, "max_seconds": self.max_seconds}
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         try:
@@ -106,121 +112,68 @@ class PEEL(Attack):
                             max_iter=self.block_iter if stage.kind == "block" else self.max_iter,
                             fixed_point_iters=self.fixed_point_iters, prior_weight=self.prior_weight)
 
+    def invert_stages(self, stages: list[Stage], observed: torch.Tensor, reading: DefenseReading | None = None
+                      ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """The block-wise stage: each stage's recovered input (input side first) and its diagnostics, solved
+        from the cut back to the image, each stage's target the input recovered for the next one."""
+        diagnostics: list[dict[str, Any]] = [{} for _ in stages]
+        recovered: list[torch.Tensor] = [observed] * len(stages)
+        target = observed
+        for index in reversed(range(len(stages))):
+            lower, upper = stage_bounds(stages, index)
+            target, diagnostics[index] = self._invert(stages[index], target, lower, upper, reading,
+                                                      at_cut=index == len(stages) - 1)
+            recovered[index] = target
+        return recovered, diagnostics
+
     def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
         shape = require_image_shape(ctx)
         dtype = getattr(torch, self.dtype)
         start = time.perf_counter()
         stages = extract_stages(client, shape, dtype)
         observed = features.detach().to(dtype)
-        truth = ctx.get("truth")
-        truth = truth.detach().to(dtype) if truth is not None else None
-        reading = read_defense(ctx.get("defense"), observed) if self.adaptive else None
-        true_outputs: list[torch.Tensor] = []
-        if self.chaining == "oracle_reset":
-            if truth is None:
-                raise ValueError("chaining='oracle_reset' needs truth= (the true images): it restarts each "
-                                 "stage from the true features, which no real attacker has")
-            true_outputs = stage_outputs(stages, truth)
-
-        stage_diagnostics: list[dict[str, Any]] = [{} for _ in stages]
-        recovered: list[torch.Tensor] = [observed] * len(stages)
-        target = observed
-        for index in reversed(range(len(stages))):
-            if self.chaining == "oracle_reset" and index < len(stages) - 1:
-                target = true_outputs[index]
-            lower, upper = stage_bounds(stages, index)
-            target, stage_diagnostics[index] = self._invert(stages[index], target, lower, upper, reading,
-                                                            at_cut=index == len(stages) - 1)
-            recovered[index] = target
-        if truth is not None:  # evaluation only; never used to solve (except by the labelled oracle mode)
-            for diag, error in zip(stage_diagnostics, true_input_errors(stages, recovered, truth)):
-                diag["true_input_error"] = error
-
-        blockwise = target.clamp(0.0, 1.0)
+        reading = read_defense(PublicDefense.of(ctx.get("defense")), observed) if self.adaptive else None
+        recovered, stage_diagnostics = self.invert_stages(stages, observed, reading)
+        blockwise = recovered[0].clamp(0.0, 1.0)
+        forward = chain(stages)
         diagnostics: dict[str, Any] = {
-            "stages": stage_diagnostics, "chaining": self.chaining, "solver": self.solver,
-            "blockwise_residual": relative_residual(chain(stages), blockwise, observed),
+            "stages": stage_diagnostics, "solver": self.solver,
+            "blockwise_residual": relative_residual(forward, blockwise, observed),
             "iterations": sum(d["lbfgs_iterations"] + d.get("adam_iterations", 0) for d in stage_diagnostics)}
-        if truth is not None:
-            diagnostics["blockwise_mse"] = float((blockwise - truth).pow(2).mean())
-        images = blockwise
         if reading is not None:
             diagnostics["adaptive"] = reading.diagnostics()
-        if self.refine and reading is not None and reading.changes_fit:
-            images = self._refine_adaptive(stages, reading, blockwise, diagnostics)
-        elif self.refine:
-            fits = {"blockwise": fit_image(stages, observed, blockwise, self.refine_iter, self.tv_weight)}
-            if self.also_from_grey:
-                fits["grey"] = fit_image(stages, observed, torch.full_like(blockwise, 0.5), self.refine_iter,
-                                         self.tv_weight)
-            names = list(fits)
-            # Per sample, the fit whose features match that sample's observation better.
-            per_sample = torch.stack([sample_residuals(chain(stages), fits[k].x, observed) for k in names])
-            choice = per_sample.argmin(0)
-            images = torch.stack([fits[k].x for k in names])[choice, torch.arange(len(choice))]
-            diagnostics.update({"refine_start": [names[i] for i in choice.tolist()],
-                                "refined_residual": relative_residual(chain(stages), images, observed),
-                                "refine_residuals": {k: f.residual for k, f in fits.items()},
-                                "refine_seconds": sum(f.seconds for f in fits.values())})
-            diagnostics["iterations"] += sum(f.iterations for f in fits.values())
-        diagnostics["seconds"] = time.perf_counter() - start
+        images, fit = blockwise, None
+        if self.refine:
+            fit = self._refine(stages, observed, blockwise, reading, start)
+            images = fit.x
+            diagnostics.update({"refine_start": fit.chosen,
+                                "refined_residual": relative_residual(forward, images, observed),
+                                "refine_residuals": {k: f.residual for k, f in fit.fits.items()},
+                                "refine_seconds": fit.seconds})
+            if reading is not None and reading.changes_fit:
+                diagnostics["refine_objectives"] = {k: float(v.mean()) for k, v in fit.scores.items()}
+            diagnostics["iterations"] += int(fit.iterations.max())
+        seconds = time.perf_counter() - start
+        zeros = torch.zeros(len(observed), dtype=torch.long)
+        diagnostics["seconds"] = seconds
+        diagnostics["budget"] = budget(seconds, fit.iterations if fit else zeros, fit.evaluations if fit else zeros,
+                                       torch.tensor([d["evaluations"] for d in stage_diagnostics]).sum(0))
         return Reconstruction(images.to(features.dtype), diagnostics,
-                              {"blockwise": blockwise.to(features.dtype)} if self.refine else {})
+                              {"blockwise": blockwise.to(features.dtype)} if self.refine else {},
+                              intermediates=[r.detach() for r in recovered])
 
-    def _refine_adaptive(self, stages: list[Stage], reading: DefenseReading, blockwise: torch.Tensor,
-                         diagnostics: dict[str, Any]) -> torch.Tensor:
-        """The refinement under the defense's reading; the start whose fit has the lower objective wins."""
+    def _refine(self, stages: list[Stage], observed: torch.Tensor, blockwise: torch.Tensor,
+                reading: DefenseReading | None, start: float) -> MultiStartFit:
+        """End-to-end fits of the image from the block-wise image (and grey); each sample keeps the better."""
         starts = {"blockwise": blockwise}
         if self.also_from_grey:
             starts["grey"] = torch.full_like(blockwise, 0.5)
-        fits = {k: fit_image_adaptive(stages, reading, x0, self.refine_iter, self.tv_weight, self.tv_prior)
-                for k, x0 in starts.items()}
-        best = min(fits, key=lambda k: fits[k][1])
-        diagnostics.update({"refine_start": best, "refined_residual": fits[best][0].residual,
-                            "refine_residuals": {k: f.residual for k, (f, _) in fits.items()},
-                            "refine_objectives": {k: v for k, (_, v) in fits.items()},
-                            "refine_seconds": sum(f.seconds for f, _ in fits.values())})
-        diagnostics["iterations"] += sum(f.iterations for f, _ in fits.values())
-        return fits[best][0].x
-
-
-def chain(stages: list[Stage]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The client half as the composition of its stages (BatchNorm folded)."""
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for stage in stages:
-            x = stage.forward(x)
-        return x
-    return forward
-
-
-def fit_image(stages: list[Stage], observed: torch.Tensor, start: torch.Tensor, iterations: int,
-              tv_weight: float = 0.0) -> FitResult:
-    """End-to-end fit of the image through every stage from ``start`` (the refinement step)."""
-    forward = chain(stages)
-    data_loss = None
-    if stages[-1].pre_relu is not None:
-        head, last = chain(stages[:-1]), stages[-1].pre_relu
-        data_loss = relu_consistency(lambda x: last(head(x)), observed)
-    regulariser = (lambda x: tv_weight * total_variation(x)) if tv_weight > 0 else None
-    return fit_input(forward, observed, start, lower=0.0, upper=1.0, max_iter=iterations,
-                     regulariser=regulariser, data_loss=data_loss)
-
-
-@torch.no_grad()
-def stage_outputs(stages: list[Stage], images: torch.Tensor) -> list[torch.Tensor]:
-    """The true output of every stage for ``images``."""
-    outputs, x = [], images
-    for stage in stages:
-        x = stage.forward(x)
-        outputs.append(x)
-    return outputs
-
-
-@torch.no_grad()
-def true_input_errors(stages: list[Stage], recovered: list[torch.Tensor], truth: torch.Tensor) -> list[float]:
-    """Relative error ||x̂_i - x_i|| / ||x_i|| of each stage's recovered input against the true one."""
-    errors, x = [], truth
-    for stage, estimate in zip(stages, recovered):
-        errors.append(float((estimate - x).norm() / x.norm().clamp_min(1e-30)))
-        x = stage.forward(x)
-    return errors
+        left = None if self.max_seconds is None else max(self.max_seconds - (time.perf_counter() - start), 0.0)
+        if reading is not None and reading.changes_fit:  # the start whose fit has the lower objective wins
+            return refine_adaptive(stages, reading, starts, iterations=self.refine_iter, tv_weight=self.tv_weight,
+                                   tv_prior=self.tv_prior, max_evals=self.max_evaluations, max_seconds=left)
+        regulariser = (lambda x: self.tv_weight * total_variation(x)) if self.tv_weight > 0 else None
+        # Per sample, the fit whose features match that sample's observation better.
+        return fit_from_starts(chain(stages), observed, starts, max_evals=self.max_evaluations, max_seconds=left,
+                               lower=0.0, upper=1.0, max_iter=self.refine_iter, regulariser=regulariser,
+                               data_loss=end_to_end_loss(stages, observed), history=END_TO_END_HISTORY)

@@ -80,5 +80,6 @@ def invert_stage_paper(stage: Stage, y: torch.Tensor, *, lower: float | None = N
     result = x.detach()
     return result, {"stage": stage.name, "kind": stage.description[0] if stage.kind == "block" else "layers",
                     "solver": "paper", "fixed_point_iterations": 0, "lbfgs_iterations": 0,
-                    "adam_iterations": iterations, "residual": relative_residual(stage.forward, result, y),
+                    "adam_iterations": iterations, "evaluations": [iterations] * len(y),
+                    "residual": relative_residual(stage.forward, result, y),
                     "seconds": time.perf_counter() - start}

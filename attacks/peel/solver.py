@@ -1,7 +1,7 @@
 """Per-stage inversion: warm start, fixed-point iteration where it applies, then an L-BFGS polish.
 
-The polish is ``attacks.box_lbfgs`` (``fit_input(method="torch")``): batched per sample, bounds kept
-exactly, and no per-variable setup cost, which with SciPy's L-BFGS-B dominated a block's solve.
+The polish is ``attacks.box_lbfgs`` (through ``fit_input``): batched per sample, bounds kept exactly, and
+no per-variable setup cost, which with SciPy's L-BFGS-B dominated a block's solve.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.optim import fit_input, project, relu_consistency, relu_violation, sample_residuals
+from attacks.optim import fit_input, project, sample_residuals
 from attacks.peel.stages import Stage, _block, shortcut_start
+from attacks.priors import least_norm, relu_consistency, relu_violation
 from splitnn.batch import per_sample, sample_norms
 
 
@@ -70,8 +71,8 @@ def warm_start(stage: Stage, y: torch.Tensor, lower: float | None, upper: float 
 
 
 def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, upper: float | None = None,
-                 max_iter: int = 300, fixed_point_iters: int = 100, prior_weight: float = 0.0,
-                 method: str = "torch") -> tuple[torch.Tensor, dict[str, Any]]:
+                 max_iter: int = 300, fixed_point_iters: int = 100, prior_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Find ``x`` within the bounds with ``stage.forward(x) ≈ y``; returns it and the stage's diagnostics.
 
     ``prior_weight > 0`` is a least-norm prior on blocks with a ReLU after the addition: it adds
@@ -79,7 +80,8 @@ def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, u
     There the output's zeros leave directions of ``x`` undetermined, and the target itself is only an
     estimate (recovered by the next block's solve), so an exact fit amplifies its error along the
     chain; the prior picks the small (sparse, like a post-ReLU activation) solution instead. Such blocks
-    skip the fixed-point iteration, which solves the unregularised equation.
+    skip the fixed-point iteration, which solves the unregularised equation. The diagnostics' ``evaluations``
+    are each sample's loss-and-gradient calls of this stage.
     """
     start = time.perf_counter()
     x = warm_start(stage, y, lower, upper)
@@ -89,14 +91,13 @@ def invert_stage(stage: Stage, y: torch.Tensor, *, lower: float | None = None, u
     if stage.identity_shortcut and fixed_point_iters > 0 and not regularised:
         x, fp_iters = fixed_point(stage, y, x, lower, upper, fixed_point_iters)
     data_loss = relu_consistency(stage.pre_relu, y) if stage.pre_relu is not None else None
-    regulariser = None
-    if regularised:
-        regulariser = lambda v: 0.5 * prior_weight * v.pow(2).flatten(1).sum(1)  # noqa: E731
+    regulariser = least_norm(prior_weight) if regularised else None
     fit = fit_input(stage.forward, y, x, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
-                    regulariser=regulariser, method=method)
+                    regulariser=regulariser)
     violation = relu_violation(stage.pre_relu, fit.x, y) if stage.pre_relu is not None else 0.0
     return fit.x, {"stage": stage.name, "kind": stage.description[0] if stage.kind == "block" else "layers",
-                   "fixed_point_iterations": fp_iters, "lbfgs_iterations": fit.iterations,
+                   "fixed_point_iterations": fp_iters, "lbfgs_iterations": int(fit.iterations.max()),
+                   "evaluations": fit.evaluations.tolist(),
                    "residual": fit.residual, "constraint_violation": violation,
                    "seconds": time.perf_counter() - start}
 
