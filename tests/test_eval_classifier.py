@@ -68,7 +68,8 @@ def test_matrix_stores_classifier_metrics_and_why_lpips_is_missing(tmp_path):
         images, cells = store.images(), store.cells()
     assert {"attack_top1", "attack_top5", "knn_distance"} <= set(images.columns) and "lpips" not in images
     assert images.attack_top1.isin([0.0, 1.0]).all() and (images.knn_distance >= 0).all()
-    assert cells.attack_top1.between(0, 1).all() and cells.attack_top1_ci_low.notna().all()
+    # summarised like every metric (its bounds' coverage is evaluation.statistics' to test: NaN below 12 images)
+    assert cells.attack_top1.between(0, 1).all() and "attack_top1_ci_low" in cells
     notes = [json.loads(d)["evaluation"] for d in cells.diagnostics_json]
     assert all(n["unavailable"]["lpips"] == LPIPS_UNAVAILABLE for n in notes)
     assert {n["evaluator"] for n in notes} == {notes[0]["evaluator"]}  # every row names the same judge
