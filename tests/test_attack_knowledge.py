@@ -8,7 +8,7 @@ import torch
 import attacks
 import defenses
 from attack_fixtures import digits16
-from attacks.base import Knowledge
+from attacks.base import BUDGET_KEYS, Knowledge, PublicDefense
 from defenses.base import Defense
 from evaluation import Matrix, ResultStore, load_config
 from evaluation.attack_context import attack_context, auxiliary_split, denied, query_oracle
@@ -76,11 +76,15 @@ def test_context_follows_knowledge_and_auxiliary_data_is_half_the_training_set()
     client, server = split(zoo.get("resnet20").eval(), "layer1")
     noise = defenses.get("gaussian_noise", scale=0.5)
     common = dict(data=data, client=client, server=server, defense=noise, seed=0, cache_dir=None, cache_key={})
-    assert set(attack_context(attacks.get("rmle"), **common)) == {"cache_dir", "cache_key"}
+    assert set(attack_context(attacks.get("rmle"), **common)) == {"image_shape", "cache_dir", "cache_key"}
     black_box = attack_context(attacks.get("inverse_net"), **common)
-    assert {"auxiliary", "query"} <= set(black_box) and "server" not in black_box
+    assert {"auxiliary", "query"} <= set(black_box) and not {"server", "defense"} & set(black_box)
     query_free = attack_context(attacks.get("shadow"), **common)
     assert {"auxiliary", "server"} <= set(query_free) and "query" not in query_free
+    assert "defense" not in attack_context(attacks.get("peel"), **common)
+    aware = attack_context(attacks.get("peel", adaptive=True), **common)["defense"]
+    assert aware == PublicDefense("gaussian_noise", "transform", {"scale": 0.5, "relative": True})
+    assert not hasattr(aware, "generator")  # the kind and public parameters, never the random stream
 
     images, labels = auxiliary_split(data, seed=0)
     assert len(images) == len(data.x_train) // 2 and len(labels) == len(images)
@@ -99,3 +103,25 @@ def test_query_noise_is_a_fresh_stream():
     queried = query_oracle(client, defenses.get("gaussian_noise", scale=0.5, seed=0), seed=0)(x)
     assert not torch.allclose(queried - clean, attacked - clean)  # the attacker cannot replay the cell's noise
     assert torch.equal(queried, query_oracle(client, defenses.get("gaussian_noise", scale=0.5, seed=0), seed=0)(x))
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_every_attack_records_its_budget_with_the_same_keys(name):
+    """The contract the result rows read: end-to-end iterations and evaluations, block-wise evaluations, seconds."""
+    data = digits16()
+    client, server = split(zoo.get("resnet20").eval(), "layer1")
+    x = data.x_test[:2]
+    with torch.no_grad():
+        features = client(x)
+    small = {"rmle": {"iterations": 3}, "peel": {"max_iter": 2, "block_iter": 2, "refine_iter": 3},
+             "inverse_net": {"epochs": 1}, "shadow": {"epochs": 1, "iterations": 3}}
+    attack = attacks.get(name, **small.get(name, {}))
+    context = attack_context(attack, data=data, client=client, server=server, defense=defenses.get("none"), seed=0,
+                             cache_dir=None, cache_key={})
+    spent = attack.reconstruct(client, features, **context).diagnostics["budget"]
+    assert tuple(spent) == BUDGET_KEYS
+    assert spent["seconds"] > 0 and len(spent["end_to_end_evaluations_per_sample"]) == len(x)
+    assert spent["end_to_end_evaluations"] == sum(spent["end_to_end_evaluations_per_sample"]) / len(x)
+    if name in ("rmle", "peel", "shadow"):  # shadow inverts its own client with rMLE
+        assert spent["end_to_end_evaluations"] >= spent["end_to_end_iterations"] > 0
+    assert (spent["blockwise_evaluations"] > 0) == (name == "peel")
