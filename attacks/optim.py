@@ -15,8 +15,8 @@ from attacks.box_lbfgs import minimize_box, project
 from attacks.priors import Forward, Loss, squared_error
 from splitnn.batch import sample_norms
 
-__all__ = ["END_TO_END_HISTORY", "FitResult", "MultiStartFit", "fit_from_starts", "fit_input", "project", "relative_residual",
-           "sample_residuals", "split_budget"]
+__all__ = ["END_TO_END_HISTORY", "FitResult", "MultiStartFit", "fit_from_starts", "fit_input", "project",
+           "relative_residual", "sample_residuals", "split_budget"]
 
 #: L-BFGS memory of the end-to-end fits (rMLE, PEEL's refinement): SciPy's ``maxcor`` in the fits it replaced.
 END_TO_END_HISTORY = 20
@@ -116,7 +116,8 @@ def fit_from_starts(forward: Forward, target: torch.Tensor, starts: dict[str, to
     fits: dict[str, FitResult] = {}
     for i, (name, x0) in enumerate(starts.items()):
         deadline = None if end is None else time.perf_counter() + (end - time.perf_counter()) / (len(starts) - i)
-        fits[name] = fit_input(forward, target, x0, max_evals=caps[i], deadline=deadline, **fit)  # type: ignore[arg-type]
+        fits[name] = fit_input(forward, target, x0, max_evals=caps[i], deadline=deadline,
+                               **fit)  # type: ignore[arg-type]
     names = list(fits)
     with torch.no_grad():
         scores = {k: score(fits[k].x) for k in names}

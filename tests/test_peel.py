@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 import torchvision
@@ -315,3 +317,22 @@ def test_prelu_resnet_splits_exactly_and_its_stages_reproduce_the_client():
     stages = extract_stages(client, (3, 16, 16), check=False)
     with torch.no_grad():
         assert _rel(chain(stages)(x.double()), client.double()(x.double())) < 1e-10
+
+
+def test_budget_parameters_are_validated_and_the_time_cap_is_kept(monkeypatch):
+    from splitnn.errors import ParameterError
+
+    for params, key in [({"max_evaluations": 1}, "max_evaluations"), ({"max_evaluations": 10 ** 9}, "max_evaluations"),
+                        ({"max_seconds": 0}, "max_seconds"), ({"max_seconds": 1e9}, "max_seconds"),
+                        ({"chaining": "oracle_reset"}, "chaining")]:  # the oracle mode is gone: it needed the truth
+        with pytest.raises((ParameterError, TypeError), match=key):
+            attacks.get("peel", **params)
+    assert PEEL(also_from_grey=False, max_evaluations=1).max_evaluations == 1
+    model = zoo.get("resnet20", norm="none", post_relu=False).eval()
+    client, _ = split(model, "layer1.0")
+    with torch.no_grad():
+        features = client(torch.rand(2, 3, 8, 8))
+    clock = iter(range(10 ** 9))  # 10 ms per reading of the clock, whatever the machine's speed
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.01)
+    rec = PEEL(refine_iter=10 ** 5, max_seconds=1.0).reconstruct(client, features, image_shape=(3, 8, 8))
+    assert rec.diagnostics["budget"]["seconds"] <= 1.1 and rec.diagnostics["budget"]["end_to_end_evaluations"] < 100

@@ -267,7 +267,8 @@ def invert_stage_adaptive(stage: Stage, target: torch.Tensor, reading: DefenseRe
         data_loss = squared_error(stage.forward, target)
     regulariser = None
     if reading.kind == "noise" and reading.relative_noise is not None:  # per sample: s_b²·||y_b||² / ||x0_b||²
-        weight = reading.relative_noise ** 2 * sum_per_sample(target.pow(2)) / sum_per_sample(x0.pow(2)).clamp_min(1e-30)
+        energy = sum_per_sample(target.pow(2)) / sum_per_sample(x0.pow(2)).clamp_min(1e-30)
+        weight = reading.relative_noise ** 2 * energy
         regulariser = least_norm(weight.to(x0.dtype), centre=x0)
     fit = fit_input(stage.forward, target, x0, lower=lower, upper=upper, max_iter=max_iter, data_loss=data_loss,
                     regulariser=regulariser)
