@@ -3,9 +3,9 @@ from attacks import inverse_net, rmle, shadow  # noqa: F401  (register the attac
 from attacks.inverse_net import InverseNet
 from attacks.base import Attack, Knowledge, PublicDefense, Reconstruction
 from attacks.peel import PEEL
-from attacks.registry import get, names, register
+from attacks.registry import attack_class, get, names, register
 from attacks.rmle import RMLE
 from attacks.shadow import Shadow
 
-__all__ = ["Attack", "InverseNet", "Knowledge", "PublicDefense", "Reconstruction", "PEEL", "RMLE", "Shadow", "get",
-           "names", "register"]
+__all__ = ["Attack", "InverseNet", "Knowledge", "PublicDefense", "Reconstruction", "PEEL", "RMLE", "Shadow", "attack_class",
+           "get", "names", "register"]

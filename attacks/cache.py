@@ -8,16 +8,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from attacks.registry import _registry
+from attacks.registry import attack_class, names
 from splitnn.fingerprint import class_fingerprint
 from splitnn.training import atomic_save, config_hash, default_cache_dir
 
 
 def attack_fingerprint(kind: str) -> str:
     """The code fingerprint of the attack registered as ``kind`` (its module and what that imports)."""
-    if kind not in _registry:
+    if kind not in names():
         raise ValueError(f"no attack is registered as {kind!r}: pass cached_module(..., fingerprint=...)")
-    return class_fingerprint(_registry.factory(kind))
+    return class_fingerprint(attack_class(kind))
 
 
 def cached_module(module: nn.Module, kind: str, key: dict[str, Any] | None, cache_dir: str | Path | None,

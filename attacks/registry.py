@@ -21,3 +21,8 @@ def get(name: str, **params: Any) -> Attack:
 
 def names() -> list[str]:
     return _registry.names()
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class registered as ``name`` (its module, declared knowledge), without building it."""
+    return _registry.factory(name)  # type: ignore[return-value]

@@ -17,7 +17,6 @@ from attacks.cache import cached_module
 from attacks.peel import PEEL
 from attacks.registry import register
 from attacks.rmle import RMLE
-from defenses.registry import defense_class, names as defense_names
 from splitnn.errors import check_choice, check_number
 from splitnn.training import fit
 
@@ -73,24 +72,13 @@ def fresh_copy(client: nn.Module, seed: int) -> nn.Module:
     return reinitialise(copy.deepcopy(client), shadow_init_seed(seed))
 
 
-def _may_change_server(defense: Any) -> bool:
-    """Whether ``defense`` (a Defense, or the PublicDefense view an attacker gets) is fitted before use and
-    may therefore fine-tune the server half; asked of its class when the view does not say."""
-    if defense is None:
-        return False
-    if hasattr(defense, "needs_fit"):
-        return bool(defense.needs_fit)
-    name = getattr(defense, "name", None)
-    return name in defense_names() and bool(defense_class(name).needs_fit)
-
-
 @register("shadow")
 class Shadow(Attack):
     """Shadow client trained so that ``server(shadow(x))`` classifies the auxiliary data (its features then
     mimic the client's), inverted with rMLE or PEEL (``inverter``) on the observed features.
 
-    Cached on disk per (model, cut, seed, attack parameters); the defense enters the key only when it
-    changes the server half (a fitted defense may fine-tune it), since this attacker does not see it.
+    Cached on disk per the runner's cache key (model, cut, seed; the defense only when it changes the server
+    half, since this attacker does not see it) and the attack's training parameters.
     """
 
     knowledge = frozenset({Knowledge.SERVER_WEIGHTS, Knowledge.AUXILIARY_DATA})
@@ -126,15 +114,14 @@ class Shadow(Attack):
         fit(shadow, images, labels, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=5e-4,
             seed=self.seed, progress=False, loss=lambda m, x, y: F.cross_entropy(frozen(m(x)), y))
 
-    def _key(self, ctx: dict[str, Any], defense: Any) -> dict[str, Any] | None:
+    def _key(self, ctx: dict[str, Any]) -> dict[str, Any] | None:
+        """The cache key: the runner's ``cache_key`` (it names the defense, as a hash, only when the granted
+        server half depends on it: a fitted defense may fine-tune it) and the training parameters."""
         key = ctx.get("cache_key")
         if key is None:
             return None
-        shared = {k: v for k, v in key.items() if k != "defense"}
-        if _may_change_server(defense):  # the defense may have handed over a fine-tuned server half
-            shared["defense"] = key.get("defense")
         return {"attack": self.name, **{k: v for k, v in self.params.items() if k in self._training_params},
-                "init": INIT_NAMESPACE, "context": shared}
+                "init": INIT_NAMESPACE, "context": key}
 
     _training_params = ("epochs", "lr", "batch_size", "seed")
 
@@ -143,7 +130,7 @@ class Shadow(Attack):
         (aux_images, aux_labels), server = require_context(ctx, self.name, "auxiliary", "server")
         start = time.perf_counter()
         shadow, from_cache = cached_module(
-            fresh_copy(client, self.seed), self.name, self._key(ctx, ctx.get("defense")), ctx.get("cache_dir"),
+            fresh_copy(client, self.seed), self.name, self._key(ctx), ctx.get("cache_dir"),
             lambda s: self.train_shadow(s, server, aux_images, aux_labels))
         shadow.eval()
         with torch.no_grad():

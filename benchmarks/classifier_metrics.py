@@ -18,6 +18,7 @@ import torch
 from evaluation.config import Cell
 from evaluation.evaluators import Evaluators
 from evaluation.export import find_store
+from evaluation.image_sets import attacked_indices
 from evaluation.store import ResultStore
 from evaluation.tables import format_params
 from splitnn import datasets
@@ -41,14 +42,16 @@ def main() -> None:
     n = first["evaluation"]["num_images"]
     start = time.perf_counter()
     judge = Evaluators(args.cache_dir).classifier(first, data)
-    print(f"evaluation classifier for target {first['model']['name']}: test accuracy {judge.test_accuracy:.4f} "
+    print(f"evaluation classifier {judge.identity}: test accuracy {judge.test_accuracy:.4f} "
           f"(ready in {time.perf_counter() - start:.1f} s: trained now or loaded from the cache)")
-    labels = data.y_test[:n]
+    index = attacked_indices(data, first["seed"], n)
     noise = torch.rand(n, *data.shape, generator=torch.Generator().manual_seed(0))
-    rows = [{"cell": "true test images", **_means(judge.classifier_metrics(data.x_test[:n], labels))},
-            {"cell": "uniform noise", **_means(judge.classifier_metrics(noise, labels))}]
+    rows = [{"cell": "true test images", **_means(judge.classifier_metrics(data.x_test[index], data.y_test[index]))},
+            {"cell": "uniform noise", **_means(judge.classifier_metrics(noise, data.y_test[index]))}]
     for _, c in cells.iterrows():
         if recons[c.cell_key] is not None:
+            config = json.loads(c.config_json)  # each cell's own drawn images (by its seed)
+            labels = data.y_test[attacked_indices(data, config["seed"], config["evaluation"]["num_images"])]
             rows.append({"cell": f"{c.defense}({format_params(c.defense_params)}) / {c.attack}", "psnr": c.psnr,
                          **_means(judge.classifier_metrics(recons[c.cell_key], labels))})
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))

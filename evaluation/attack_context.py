@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from attacks.base import Attack, Knowledge
+from attacks.base import Attack, Knowledge, PublicDefense
 from defenses.base import Defense
 from splitnn.datasets import Dataset
 from splitnn.training import config_hash
@@ -50,12 +50,29 @@ def denied(attack: Attack, defense: Defense) -> str:
     return f"{defense.name} denies the attacker {names}, which {attack.name} needs"
 
 
+def attack_cache_key(attack: Attack, defense: Defense, defense_spec: dict[str, Any], identity: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """What an attack's trained artefacts (decoders, shadow clients) depend on: ``identity`` (model, cut, seed),
+    plus the defense when what the attack was granted depends on it (queries pass through it; a fitted defense
+    may hand over a fine-tuned server half). The defense enters only as a hash, so the key tells the attacker
+    nothing its knowledge does not grant."""
+    key = dict(identity)
+    if Knowledge.QUERY_ACCESS in attack.knowledge or (Knowledge.SERVER_WEIGHTS in attack.knowledge
+                                                      and defense.needs_fit):
+        key["defense"] = config_hash(defense_spec)
+    return key
+
+
 def attack_context(attack: Attack, *, data: Dataset, client: nn.Module, server: nn.Module, defense: Defense,
                    seed: int, cache_dir: str | None, cache_key: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments ``reconstruct`` gets beyond ``image_shape``, ``defense`` and ``truth``, by knowledge:
-    ``auxiliary`` (images, labels), ``query`` (images -> defended features), ``server`` (the server half);
-    always ``cache_dir`` and ``cache_key`` (what identifies model, cut, defense and seed, for attack caches)."""
-    ctx: dict[str, Any] = {"cache_dir": cache_dir, "cache_key": cache_key}
+    """Everything ``reconstruct`` gets besides the features, in one place, granted by declared knowledge:
+    ``image_shape`` always; ``defense`` (a ``PublicDefense``: kind and public parameters, never the object and
+    its random stream) with DEFENSE; ``auxiliary`` (images, labels) with AUXILIARY_DATA; ``query`` (images ->
+    defended features) with QUERY_ACCESS; ``server`` (the server half) with SERVER_WEIGHTS; and ``cache_dir`` /
+    ``cache_key`` (what identifies model, cut, defense and seed, for attack caches). Never the true images."""
+    ctx: dict[str, Any] = {"image_shape": data.shape, "cache_dir": cache_dir, "cache_key": cache_key}
+    if Knowledge.DEFENSE in attack.knowledge:
+        ctx["defense"] = PublicDefense.of(defense)
     if Knowledge.AUXILIARY_DATA in attack.knowledge:
         ctx["auxiliary"] = auxiliary_split(data, seed)
     if Knowledge.QUERY_ACCESS in attack.knowledge:

@@ -130,8 +130,9 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
 
 
 def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
-    """PEEL's relative error of each block's recovered input (``true_input_error``) along the client, input to
-    cut, one line per PEEL cell. Returns [] when no PEEL cell carries it (it needs the true images)."""
+    """PEEL's relative error of each block's recovered input along the client, input to cut, one line per PEEL
+    cell: ``diagnostics.attack.true_input_errors``, which the runner computes from the true images after the
+    attack. Returns [] when no PEEL cell carries it."""
     cells = current_rows(cells)
     lines = []
     several_models = "model" in cells and cells["model"].nunique() > 1
@@ -139,12 +140,12 @@ def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     variants = variant_labels(peel, "attack", "attack_params")  # e.g. the paper solver beside the default one
     strengths = distinguishing_params(peel, "defense", "defense_params")
     for i, c in peel.iterrows():
-        stages = json.loads(c["diagnostics_json"] or "{}").get("attack", {}).get("stages", [])
-        if stages and all("true_input_error" in s for s in stages):
+        attack = json.loads(c["diagnostics_json"] or "{}").get("attack", {})
+        stages, errors = attack.get("stages", []), attack.get("true_input_errors", [])
+        if errors and len(errors) == len(stages):
             model = f"{c['model']} " if several_models else ""
             label = f"{model}{c['cut']} {c['defense']} {strengths[i]} {variants[i]}".replace("  ", " ").strip()
-            lines.append((label, [s.get("stage", str(i)) for i, s in enumerate(stages)],
-                          [s["true_input_error"] for s in stages]))
+            lines.append((label, [s.get("stage", str(j)) for j, s in enumerate(stages)], errors))
     if not lines:
         return []
     fig, ax = plt.subplots(figsize=(6.5, 4.0))

@@ -12,6 +12,7 @@ import torch
 
 from evaluation import figures
 from evaluation.config import Cell
+from evaluation.image_sets import attacked_indices
 from evaluation.store import ResultStore, current_rows, stale_line
 from evaluation.tables import compact_summary, matrix_latex, to_markdown
 from splitnn import datasets
@@ -47,19 +48,27 @@ def _load_dataset(config: dict[str, Any]) -> Dataset:
 
 def reconstruction_grids(store: ResultStore, cells: pd.DataFrame,
                          load: Callable[[dict[str, Any]], Dataset] = _load_dataset) -> list[Grid]:
-    """One Grid per dataset among the cells that have their reconstructions stored; ``load(cell config)``
-    gives the cell's dataset (the Matrix passes its cache)."""
-    groups: dict[str, tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]] = {}
+    """One Grid per dataset among the cells that have their reconstructions stored, from the cells of its
+    lowest seed and most common image count (cells of one seed attack the same drawn test images, see
+    ``evaluation.image_sets``); ``load(cell config)`` gives the cell's dataset (the Matrix passes its cache)."""
+    groups: dict[str, dict[tuple[int, int], list[tuple[dict[str, Any], str]]]] = {}
     for key, text in zip(cells["cell_key"], cells["config_json"]):
-        images = store.reconstruction(key)
-        if images is not None:
-            config = json.loads(text)
-            group = groups.setdefault(json.dumps(config["dataset"], sort_keys=True), (config, []))
-            group[1].append((Cell(config).short_label(), images))
+        config = json.loads(text)
+        draw = (config["seed"], config["evaluation"]["num_images"])
+        groups.setdefault(json.dumps(config["dataset"], sort_keys=True), {}).setdefault(draw, []).append((config, key))
     grids = []
-    for config, rows in groups.values():
+    for draws in groups.values():
+        seed = min(s for s, _ in draws)
+        members = max((m for (s, _), m in draws.items() if s == seed), key=len)
+        rows = [(Cell(config).short_label(), images) for config, key in members
+                if (images := store.reconstruction(key)) is not None]
+        if not rows:
+            continue
+        config = members[0][0]
         try:
-            originals, problem = load(config).x_test[:config["evaluation"]["num_images"]], None
+            data = load(config)
+            originals = data.x_test[attacked_indices(data, seed, config["evaluation"]["num_images"])]
+            problem = None
         except Exception as exc:  # an old or foreign config must not stop the other outputs
             originals, problem = None, f"the original images could not be loaded ({type(exc).__name__}: {exc})"
         grids.append(Grid(config["dataset"]["name"], originals, rows, problem))

@@ -7,6 +7,7 @@ store writes it, one transaction per finished cell, as results arrive.
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 import traceback
@@ -18,11 +19,14 @@ import torch
 
 import attacks
 import defenses
+from attacks.base import BUDGET_KEYS, Reconstruction
+from attacks.peel import stage_input_errors
 from evaluation import provenance
-from evaluation.attack_context import attack_context, denied
+from evaluation.attack_context import attack_cache_key, attack_context, denied
 from evaluation.config import Cell, ExperimentConfig
 from evaluation.evaluators import Evaluators
-from evaluation.metrics import accuracy, image_metrics, summarize
+from evaluation.image_sets import attacked_indices
+from evaluation.metrics import accuracy, image_metrics, summarize, worst_case
 from evaluation.store import ResultStore, row_fingerprint
 from splitnn import datasets
 from splitnn.datasets import Dataset
@@ -37,6 +41,10 @@ if TYPE_CHECKING:
 
 class NonFiniteFeatures(RuntimeError):
     """The features at the cut contain NaN or infinity."""
+
+
+class NonFiniteReconstruction(RuntimeError):
+    """An attack returned NaN or infinite images: the cell fails with that reason instead of NULL metrics."""
 
 
 @dataclass
@@ -81,10 +89,12 @@ class CellResult:
 
 @dataclass
 class Features:
-    """What the cells sharing (model, cut, defense, seed, images) share: the images, their defended
-    features and the defended split model's accuracy."""
+    """What the cells sharing (model, cut, defense, seed, images) share: the attacked images (their test-set
+    indices and labels), their defended features and the defended split model's accuracy."""
 
     truth: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
     features: torch.Tensor
     accuracy: float
 
@@ -172,14 +182,15 @@ class Matrix:
             self.cache_stats["features_hit"] += 1
             return self._features[key]
         self.cache_stats["features_miss"] += 1
-        truth = self.dataset(cell).x_test[: cell["evaluation"]["num_images"]]
+        data = self.dataset(cell)
+        indices = attacked_indices(data, cell["seed"], cell["evaluation"]["num_images"])
+        truth = data.x_test[indices]
         with torch.no_grad():
             features = defense(client(truth))
         if not torch.isfinite(features).all():
             raise NonFiniteFeatures("the defended features contain NaN or infinity")
-        data = self.dataset(cell)
         utility = accuracy(SplitModel(client, server, defense), data.x_test, data.y_test)
-        self._features[key] = Features(truth, features, utility)
+        self._features[key] = Features(truth, data.y_test[indices], indices, features, utility)
         return self._features[key]
 
     def run(self, store: ResultStore, executor: "Executor | None" = None, recompute: Iterable[str] = ()
@@ -231,12 +242,6 @@ class Matrix:
                                                       + ", ".join(sorted(known)))
         return {c.key for c in cells if c["attack"]["name"] in names or c["defense"]["name"] in names}
 
-    def run_cell(self, cell: Cell, store: ResultStore, run_id: str) -> str:
-        """Compute one cell and store it; returns its status. Never raises for a failure inside the cell."""
-        result = self.compute_cell(cell)
-        store.write_cell(result.key, run_id, result.config, result.status, **result.fields)
-        return result.status
-
     def compute_cell(self, cell: Cell) -> CellResult:
         """Compute one cell without touching any store. Never raises for a failure inside the cell: it
         comes back as a ``failed`` result carrying the error and its traceback."""
@@ -275,20 +280,40 @@ class Matrix:
         defense, server = self.defense(cell, trained, client, server)
         torch.manual_seed(seed)
         context = attack_context(attack, data=data, client=client, server=server, defense=defense, seed=seed,
-                                 cache_dir=self.cache_dir, cache_key={
-                                     "model": trained.config.key(), "cut": cell["cut"],
-                                     "defense": cell["defense"], "seed": seed})
-        recon = attack.reconstruct(client, shared.features, image_shape=data.shape, defense=defense,
-                                   truth=shared.truth, **context)
+                                 cache_dir=self.cache_dir, cache_key=attack_cache_key(
+                                     attack, defense, cell["defense"],
+                                     {"model": trained.config.key(), "cut": cell["cut"], "seed": seed}))
+        recon = attack.reconstruct(client, shared.features, **context)
+        if not torch.isfinite(recon.images).all():
+            raise NonFiniteReconstruction(f"{attack.name} returned NaN or infinite reconstructions")
         per_image = image_metrics(recon.images, shared.truth)
-        judged, evaluation_note = self.evaluators.metrics(cell, data, recon.images, shared.truth)
+        judged, evaluation_note = self.evaluators.metrics(cell, data, recon.images, shared.truth, shared.labels)
         per_image.update(judged)
-        return {"status": "done", "accuracy": shared.accuracy, "per_image": per_image,
-                "summary": {m: summarize(v, seed=seed) for m, v in per_image.items()},
-                "reconstruction": recon.images, "guarantee": defense.guarantee(),
-                "diagnostics": {"attack": recon.diagnostics, "defense": defense.report, "evaluation": evaluation_note,
-                                "model": {"test_accuracy_undefended": trained.test_accuracy,
-                                          "from_cache": trained.from_cache, "checkpoint": str(trained.path)}}}
+        diagnostics = {"attack": recon.diagnostics, "defense": defense.report, "evaluation": evaluation_note,
+                       "images": {"test_indices": shared.indices.tolist()},
+                       "model": {"test_accuracy_undefended": trained.test_accuracy,
+                                 "from_cache": trained.from_cache, "checkpoint": str(trained.path)}}
+        diagnostics["attack"].update(scored_against_truth(client, data.shape, recon, shared.truth))
+        summary = {m: summarize(v, seed=seed) for m, v in per_image.items()}
+        summary.update({m: (v, math.nan, math.nan) for m, v in worst_case(per_image).items()})
+        spent = recon.diagnostics.get("budget", {})
+        extra = {f"budget_{k}": spent.get(k) for k in BUDGET_KEYS if not k.endswith("_per_sample")}
+        extra["evaluator"] = evaluation_note.get("evaluator")
+        return {"status": "done", "accuracy": shared.accuracy, "per_image": per_image, "summary": summary,
+                "reconstruction": recon.images, "guarantee": defense.guarantee(), "diagnostics": diagnostics,
+                "extra": extra}
+
+
+def scored_against_truth(client: torch.nn.Module, image_shape: tuple[int, int, int], recon: Reconstruction,
+                         truth: torch.Tensor) -> dict[str, Any]:
+    """What only the evaluator can compute, after the attack: the true error of each stage input an attack
+    recovered (PEEL's chain) and the MSE of its block-wise image."""
+    out: dict[str, Any] = {}
+    if recon.intermediates:
+        out["true_input_errors"] = stage_input_errors(client, image_shape, recon.intermediates, truth)
+    if "blockwise" in recon.alternatives:
+        out["blockwise_mse"] = float((recon.alternatives["blockwise"].double() - truth.double()).pow(2).mean())
+    return out
 
 
 def _peak_rss_mb() -> float:

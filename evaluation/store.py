@@ -58,7 +58,7 @@ def row_fingerprint(config: dict[str, Any]) -> str | None:
     ``ROW_MODULES``, with their imports and the package versions. None when the attack or defense is no
     longer registered (its rows can only be stale)."""
     try:
-        attack = attacks.registry._registry.factory(config["attack"]["name"])
+        attack = attacks.attack_class(config["attack"]["name"])
         defense = defenses.defense_class(config["defense"]["name"])
     except (KeyError, TypeError, ValueError):
         return None

@@ -18,8 +18,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 def _cell(defense, params, attack, accuracy, psnr, top1, status="done", reason=None, stages=None):
-    diagnostics = {"attack": {"stages": [{"stage": f"b{i}", "true_input_error": e} for i, e in enumerate(stages)]}} \
-        if stages else {}
+    diagnostics = {"attack": {"stages": [{"stage": f"b{i}"} for i in range(len(stages))],
+                              "true_input_errors": list(stages)}} if stages else {}
     row = {"cell_key": f"{defense}{params}{attack}", "status": status, "reason": reason, "cut": "layer1",
            "seed": 0, "defense": defense, "defense_params": json.dumps(params), "attack": attack,
            "attack_params": "{}", "accuracy": accuracy, "guarantee_json": "{}",
