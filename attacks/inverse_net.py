@@ -60,7 +60,7 @@ class InverseNet(Attack):
 
     knowledge = frozenset({Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS})
 
-    def __init__(self, hidden: int = 32, epochs: int = 15, lr: float = 2e-3, batch_size: int = 32, seed: int = 0):
+    def __init__(self, hidden: int = 64, epochs: int = 15, lr: float = 5e-3, batch_size: int = 32, seed: int = 0):
         self.hidden = check_number("hidden", hidden, low=1, integer=True)
         self.epochs = check_number("epochs", epochs, low=0, integer=True)
         self.lr = float(check_number("lr", lr, low=0, low_open=True))

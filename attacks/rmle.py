@@ -68,7 +68,7 @@ class RMLE(Attack):
 
     knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
 
-    def __init__(self, iterations: int = 500, tv_weight: float = 0.0, starts: Any = ("grey",), loss: str = "plain",
+    def __init__(self, iterations: int = 500, tv_weight: float = 0.03, starts: Any = ("grey",), loss: str = "plain",
                  max_evaluations: int | None = None, max_seconds: float | None = None, seed: int = 0,
                  dtype: str = "float64"):
         self.iterations = check_number("iterations", iterations, low=1, high=10 ** 6, integer=True)

@@ -29,7 +29,7 @@ from splitnn import TrainConfig, datasets, split, train
 
 #: The grid each attack is tuned over: the same number of candidates for every attack.
 GRIDS: dict[str, dict[str, list[Any]]] = {
-    "peel": {"prior_weight": [0.3, 1.0, 3.0], "also_from_grey": [True, False]},
+    "peel": {"tv_weight": [0.0, 0.03, 0.3], "also_from_grey": [True, False]},
     "rmle": {"tv_weight": [0.0, 0.03, 0.3], "starts": [["grey"], ["zeros"]]},
     "inverse_net": {"lr": [0.001, 0.002, 0.005], "hidden": [32, 64]},
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from splitnn import TrainConfig, datasets, split, train
 
@@ -24,3 +25,14 @@ def psnr(images: torch.Tensor, truth: torch.Tensor) -> float:
     """Mean PSNR (dB) of [0, 1] images, per image then averaged."""
     mse = (images - truth).pow(2).flatten(1).mean(dim=1).clamp_min(1e-12)
     return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def randomise_batchnorm(module: nn.Module) -> None:
+    """Give BatchNorm layers non-trivial eval statistics, as a trained network has."""
+    g = torch.Generator().manual_seed(1)
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.weight.data.uniform_(0.5, 1.5, generator=g)
+            bn.bias.data.uniform_(-0.2, 0.2, generator=g)

@@ -10,17 +10,7 @@ from attacks.peel import PEEL, UnsupportedLayerError, extract_stages, invert_blo
 from attacks.peel.chain import chain
 from splitnn import split, zoo
 from splitnn.zoo import BasicBlock
-
-
-def _randomise_batchnorm(module: nn.Module) -> None:
-    """Give BatchNorm layers non-trivial eval statistics, as a trained network has."""
-    g = torch.Generator().manual_seed(1)
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.5, 0.5, generator=g)
-            bn.running_var.uniform_(0.5, 2.0, generator=g)
-            bn.weight.data.uniform_(0.5, 1.5, generator=g)
-            bn.bias.data.uniform_(-0.2, 0.2, generator=g)
+from attack_fixtures import randomise_batchnorm
 
 
 def _rel(a, b):
@@ -39,7 +29,7 @@ def test_identity_block_in_the_authors_setting_is_recovered_exactly():
 
 def test_standard_block_recovered_input_reproduces_the_output():
     block = BasicBlock(16, 16).double().eval()
-    _randomise_batchnorm(block)
+    randomise_batchnorm(block)
     x = torch.relu(torch.randn(3, 16, 16, 16, dtype=torch.float64))
     with torch.no_grad():
         y = block(x)
@@ -52,7 +42,7 @@ def test_standard_block_recovered_input_reproduces_the_output():
 
 def test_stride2_block_with_conv_shortcut_reproduces_the_output():
     block = BasicBlock(8, 16, stride=2).double().eval()
-    _randomise_batchnorm(block)
+    randomise_batchnorm(block)
     x = torch.relu(torch.randn(2, 8, 16, 16, dtype=torch.float64))
     with torch.no_grad():
         y = block(x)
@@ -64,7 +54,7 @@ def test_stride2_block_with_conv_shortcut_reproduces_the_output():
 
 def test_stages_reproduce_the_client_with_batchnorm_folded():
     model = zoo.get("resnet20").eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     client, _ = split(model, "layer2")
     stages = extract_stages(client, (3, 32, 32))
     assert [s.kind for s in stages] == ["layers"] + ["block"] * 6
@@ -77,7 +67,7 @@ def test_peel_inverts_an_authors_setting_client_to_the_image():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         features = client(x)
-    rec = attacks.get("peel").reconstruct(client, features, image_shape=(3, 16, 16))
+    rec = attacks.get("peel", tv_weight=0.0).reconstruct(client, features, image_shape=(3, 16, 16))  # exact: no prior
     assert rec.images.shape == x.shape
     assert float(((rec.images - x) ** 2).mean()) < 1e-6
     assert len(rec.diagnostics["stages"]) == 3 and len(rec.intermediates) == 3
@@ -86,18 +76,18 @@ def test_peel_inverts_an_authors_setting_client_to_the_image():
 
 def test_peel_on_torchvision_resnet_recovers_the_image_where_the_cut_is_invertible():
     model = torchvision.models.resnet18(num_classes=10).eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     x = torch.rand(2, 3, 32, 32)
     stem, _ = split(model, "relu")  # 7x7/2 conv + BN + ReLU: 16384 outputs, about half non-zero, for 3072 pixels
     with torch.no_grad():
         features = stem(x)
-    rec = PEEL(max_iter=50, refine_iter=100).reconstruct(stem, features, image_shape=(3, 32, 32))
+    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(stem, features, image_shape=(3, 32, 32))
     assert float(((rec.images - x) ** 2).mean()) < 1e-8
     # Behind the max-pool the cut is not injective: PEEL's images still reproduce what was observed.
     client, _ = split(model, "layer1.0")
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(max_iter=50, refine_iter=100).reconstruct(client, features, image_shape=(3, 32, 32))
+    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(client, features, image_shape=(3, 32, 32))
     assert 0.0 <= float(rec.images.min()) and float(rec.images.max()) <= 1.0
     assert rec.diagnostics["refined_residual"] < 0.5 * rec.diagnostics["blockwise_residual"]
 
@@ -142,7 +132,7 @@ def test_bottleneck_blocks_are_inverted():
     assert _rel(x_hat, x) < 1e-6
 
     standard = Bottleneck(16, 8).double().eval()  # 16 -> 32 channels: 1x1 conv shortcut, BN, post-ReLU
-    _randomise_batchnorm(standard)
+    randomise_batchnorm(standard)
     x = torch.relu(torch.randn(2, 16, 8, 8, dtype=torch.float64))
     with torch.no_grad():
         y = standard(x)
@@ -190,12 +180,12 @@ def test_paper_solver_and_default_solver_on_an_authors_block():
 
 def test_refinement_keeps_the_better_start_per_sample_and_reports_its_budget():
     model = zoo.get("resnet20").eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     client, _ = split(model, "layer1.0")
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(max_iter=30, refine_iter=30).reconstruct(client, features, image_shape=(3, 8, 8))
+    rec = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0).reconstruct(client, features, image_shape=(3, 8, 8))
     d = rec.diagnostics
     assert {"blockwise_residual", "refined_residual", "refine_start", "budget"} <= set(d)
     assert d["refined_residual"] <= d["blockwise_residual"]
@@ -205,7 +195,8 @@ def test_refinement_keeps_the_better_start_per_sample_and_reports_its_budget():
     spent = d["budget"]
     assert 30 < spent["end_to_end_evaluations"] <= 2 * (30 * 31 + 1)  # two starts of <= 30 iterations each
     assert spent["blockwise_evaluations"] > 0 and spent["seconds"] > 0
-    capped = PEEL(max_iter=30, refine_iter=30, max_evaluations=10).reconstruct(client, features, image_shape=(3, 8, 8))
+    capped = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0, max_evaluations=10).reconstruct(
+        client, features, image_shape=(3, 8, 8))
     assert capped.diagnostics["budget"]["end_to_end_evaluations_per_sample"] == [10, 10]  # 5 per start
     assert capped.diagnostics["refined_residual"] > d["refined_residual"]
     # The block-wise image is the refinement's first start; the truth scores it afterwards.
@@ -218,7 +209,7 @@ def test_ir_blocks_with_prelu_are_inverted(in_planes, planes, stride, kind):
     from splitnn.zoo import IRBlock
 
     block = IRBlock(in_planes, planes, stride).double().eval()
-    _randomise_batchnorm(block)
+    randomise_batchnorm(block)
     x = torch.randn(2, in_planes, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         y = block(x)
@@ -232,7 +223,7 @@ def test_ir_blocks_with_prelu_are_inverted(in_planes, planes, stride, kind):
 
 def test_ir_network_splits_exactly_and_peel_supports_it():
     model = zoo.get("ir18", width=8).eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     client, server = split(model, "layer2")
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
@@ -260,13 +251,14 @@ def test_groupnorm_model_from_opacus_is_handled():
 
 def test_peel_can_start_from_the_logits():
     model = zoo.get("resnet20").eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     client, _ = split(model, "fc")
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         logits = client(x)
     assert logits.shape == (2, 10)
-    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False).reconstruct(client, logits, image_shape=(3, 8, 8))
+    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False, tv_weight=0.0).reconstruct(client, logits,
+                                                                                         image_shape=(3, 8, 8))
     assert rec.images.shape == x.shape and torch.isfinite(rec.images).all()
     assert rec.diagnostics["stages"][-1]["kind"] == "layers"  # avgpool + flatten + linear head
     assert rec.diagnostics["refined_residual"] < 1e-3  # the logits are matched (many images do)
