@@ -1,0 +1,55 @@
+"""Paired per-image verdicts between attack variants of a result store: "A beats B" only from pairs.
+
+Each variant is ``NAME`` or ``NAME:key=value,key=value`` (the attack's name and a subset of its stored
+parameters, values read as YAML). For every (dataset, model, cut, defense) where both have current done
+cells, prints the mean paired difference A - B over (seed, image) pairs with its BCa 95% CI and the verdict,
+beside each side's mean and worst case. Run, e.g.:
+
+    .venv/bin/python benchmarks/paired_verdicts.py results/paper/peel_vs_rmle_small \
+        --a peel --b rmle:loss=plain --b rmle:loss=relu_consistency --metric psnr
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from evaluation.compare import compare
+from evaluation.export import find_store
+from evaluation.store import ResultStore, current_rows
+
+
+def variant(text: str) -> dict[str, Any]:
+    """``NAME[:k=v,...]`` -> a selector on the attack's name and a subset of its parameters."""
+    name, _, rest = text.partition(":")
+    wanted = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
+
+    def matches(params: str) -> bool:
+        stored = json.loads(params)
+        return all(stored.get(k) == v for k, v in wanted.items())
+    return {"attack": name, "attack_params": matches}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="a results directory or its results.sqlite")
+    parser.add_argument("--a", required=True, help="variant A, NAME[:key=value,...]")
+    parser.add_argument("--b", required=True, action="append", help="variant B (repeatable)")
+    parser.add_argument("--metric", default="psnr")
+    args = parser.parse_args()
+    with ResultStore(find_store(args.results)) as store:
+        cells, images = current_rows(store.cells()), store.images()
+    for b in args.b:
+        table = compare(images, cells, variant(args.a), variant(b), args.metric)
+        table = table[["model", "cut", "defense", "n_pairs", "n_seeds", "mean_a", "mean_b", "mean_difference",
+                       "low", "high", "verdict"]]
+        print(f"\nA = {args.a}, B = {b}: {args.metric}, A - B over paired (seed, image)\n")
+        print(table.to_markdown(index=False, floatfmt=".3g"))
+
+
+if __name__ == "__main__":
+    pd.set_option("display.width", 200)
+    main()
