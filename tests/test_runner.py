@@ -115,7 +115,7 @@ def test_unsupported_client_becomes_not_applicable(config_path, tmp_path, monkey
 def test_cell_keys_cover_resolved_defaults(config_path):
     cells = load_config(config_path).cells()
     assert len({c.key for c in cells}) == len(cells)
-    assert cells[0]["attack"]["params"]["tv_weight"] == 0.0  # the default is part of the key
+    assert cells[0]["attack"]["params"]["tv_weight"] == attacks.RMLE().tv_weight  # the default is part of the key
 
 
 
