@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from attacks.registry import attack_class, names
+from splitnn.faults import set_aside
 from splitnn.fingerprint import class_fingerprint
 from splitnn.training import atomic_save, config_hash, default_cache_dir
 
@@ -25,7 +26,8 @@ def cached_module(module: nn.Module, kind: str, key: dict[str, Any] | None, cach
     """Load ``module``'s state from ``<cache>/attacks/<kind>-<hash of key>-<fingerprint>.pt`` or run
     ``train(module)`` and save it there (atomically). ``fingerprint`` defaults to that of the attack registered
     as ``kind``. ``key=None`` (no runner identity for model, cut and defense) trains without caching. Returns
-    the module and whether it came from the cache."""
+    the module and whether it came from the cache. A cached file that fails to load is moved aside (with a
+    warning naming both paths) and the module trained again from its state on entry."""
     if key is None:
         train(module)
         return module, False
@@ -33,8 +35,14 @@ def cached_module(module: nn.Module, kind: str, key: dict[str, Any] | None, cach
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "attacks" / \
         f"{kind}-{config_hash(key)}-{fingerprint}.pt"
     if path.exists():
-        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return module, True
+        pristine = {k: v.clone() for k, v in module.state_dict().items()}  # a failed load may overwrite half
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+            return module, True
+        except Exception as exc:  # a truncated or foreign file: moved aside (kept), trained again from scratch
+            set_aside(path, exc)
+            module.load_state_dict(pristine)
     train(module)
     atomic_save(path, lambda file: torch.save(module.state_dict(), file))  # a killed run never leaves half a file
     return module, False

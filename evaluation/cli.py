@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from splitnn.errors import ParameterError
+from splitnn.faults import WriteFailure
 
 EXIT_CONFIG_ERROR = 2
 
@@ -29,6 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from evaluation.outputs import write_outputs
     from evaluation.runner import Matrix
     from evaluation.store import ResultStore
+    from evaluation.store_lock import RunLock
 
     config = load_config(args.config)  # validated completely before any work
     out = Path(args.out) if args.out else Path("results") / config.name
@@ -36,7 +38,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     matrix = Matrix(config, cache_dir=args.cache_dir, progress=not args.quiet)
     matrix.forced(args.recompute)  # an unknown --recompute name fails before any work
     executor = from_option(args.dask, args.workers)
-    with ResultStore(out / "results.sqlite") as store:
+    waiting = lambda busy: print(f"leakbench: {busy}; waiting (--wait)", file=sys.stderr, flush=True)  # noqa: E731
+    with RunLock(out, wait=args.wait, on_wait=waiting), ResultStore(out / "results.sqlite") as store:
         summary = matrix.run(store, executor, recompute=args.recompute)
         outputs = write_outputs(store, matrix, out)
     elapsed = time.perf_counter() - start
@@ -106,6 +109,17 @@ def _cmd_defenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(text: str) -> int:
+    """``--workers``: an integer of at least 1 (0 would start a cluster that never computes anything)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leakbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dask", metavar="local|ADDRESS",
                      help="compute cells on Dask: 'local' starts a LocalCluster on this machine, anything else is "
                           "a scheduler address (e.g. tcp://host:8786); default: sequentially in this process")
-    run.add_argument("--workers", type=int, default=2, help="workers of --dask local (1 thread each; default 2)")
+    run.add_argument("--workers", type=_workers, default=2,
+                     help="workers of --dask local (1 thread each; at least 1; default 2)")
+    run.add_argument("--wait", action="store_true",
+                     help="if another `leakbench run` is writing the same --out, wait for it to finish instead of "
+                          "exiting with status 2")
     run.add_argument("--recompute", action="append", default=[], metavar="ATTACK|DEFENSE",
                      help="recompute the cells of this attack or defense even if the store has them from the "
                           "installed code (repeatable); cells stored by other code are always recomputed")
@@ -143,11 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evaluation.store import StoreVersionError
+    from evaluation.store_lock import StoreBusy
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ParameterError as exc:
         print(f"leakbench: config error in {getattr(args, 'config', '<arguments>')}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except (StoreBusy, StoreVersionError) as exc:
+        print(f"leakbench: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except WriteFailure as exc:  # the finished cells are in the store already: a rerun skips them
+        print(f"leakbench: cannot write {exc.filename}: {exc.strerror}; the cells finished before are kept in "
+              f"the store, and a rerun resumes after them", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except OSError as exc:
         where = getattr(exc, "filename", "") or getattr(args, "config", "")

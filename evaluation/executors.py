@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from evaluation.config import Cell
 from evaluation.evaluators import Evaluators
+from splitnn.faults import WriteFailure
 
 if TYPE_CHECKING:
     from evaluation.runner import CellResult, Matrix
@@ -90,9 +91,12 @@ class Dask:
 
     Each distinct trained model (and evaluation classifier) is first trained by one task, so workers do not
     train the same model twice at once; then every cell is one task, and results are yielded in the order they complete.
+    A model or judge that fails to train fails the cells that need it (the reason names the error); the rest go on.
     """
 
     def __init__(self, address: str = "local", workers: int = 2):
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer of at least 1, got {workers!r}")
         self.address = address
         self.workers = workers
 
@@ -113,6 +117,29 @@ class Dask:
             return Client(cluster), cluster
         return Client(self.address), None
 
+    @staticmethod
+    def _prepare(client, remote, by_model: dict[str, Cell], by_judge: dict[str, Cell]) -> dict[tuple[str, str], str]:
+        """Train each model and judge once, up front; returns the reason of each one that failed, by
+        ``("model" | "judge", key)`` (a WriteFailure, e.g. a full disk, is raised: it stops the run)."""
+        from dask.distributed import wait
+
+        tasks = {("model", key): client.submit(_train_on_worker, remote, cell, pure=False)
+                 for key, cell in by_model.items()}
+        tasks.update({("judge", key): client.submit(_judge_on_worker, remote, cell, pure=False)
+                      for key, cell in by_judge.items()})
+        wait(list(tasks.values()))
+        problems = {}
+        for (kind, key), future in tasks.items():
+            if future.status == "finished":
+                continue
+            exc = future.exception() if future.status == "error" else RuntimeError(f"the task was {future.status}")
+            if isinstance(exc, WriteFailure):
+                raise exc
+            what = "its model" if kind == "model" else "its evaluation classifier"
+            text = "".join(traceback.format_exception(exc, limit=8))
+            problems[kind, key] = f"training {what} on a Dask worker failed: {type(exc).__name__}: {exc}\n{text}"
+        return problems
+
     def map(self, matrix: "Matrix", cells: list[Cell]) -> Iterator["CellResult"]:
         from dask.distributed import as_completed
 
@@ -126,15 +153,24 @@ class Dask:
             remote = client.scatter(shipped, broadcast=True)
             by_model = {cell.train_config().key(): cell for cell in cells}
             by_judge = {Evaluators.classifier_key(cell): cell for cell in cells if cell["evaluation"]["classifier"]}
-            client.gather(client.map(_train_on_worker, [remote] * len(by_model), list(by_model.values()), pure=False)
-                          + client.map(_judge_on_worker, [remote] * len(by_judge), list(by_judge.values()),
-                                       pure=False))
-            futures = {client.submit(_compute_on_worker, remote, cell, pure=False): cell for cell in cells}
-            with _bar(matrix, len(cells)) as bar:
+            problems = self._prepare(client, remote, by_model, by_judge)
+            ready = []
+            for cell in cells:  # a model (or judge) that failed to train fails its cells; the others go on
+                why = problems.get(("model", cell.train_config().key())) or (
+                    problems.get(("judge", Evaluators.classifier_key(cell))) if cell["evaluation"]["classifier"]
+                    else None)
+                if why is None:
+                    ready.append(cell)
+                else:
+                    yield CellResult(cell.key, cell.config, "failed", {"reason": why}, Counter())
+            futures = {client.submit(_compute_on_worker, remote, cell, pure=False): cell for cell in ready}
+            with _bar(matrix, len(ready)) as bar:
                 for future in as_completed(futures):
                     cell = futures[future]
                     try:
                         result = future.result()
+                    except WriteFailure:  # a full disk or read-only cache on a worker: stop, as here
+                        raise
                     except Exception as exc:  # the task itself failed (a worker died, unpicklable result)
                         text = "".join(traceback.format_exception(exc, limit=8))
                         result = CellResult(cell.key, cell.config, "failed",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluation.store import IDENTITY_COLUMNS, ResultStore
+from splitnn.faults import writing
 
 FORMATS = ("csv", "parquet")
 
@@ -34,15 +35,17 @@ def export(source: str | Path, fmt: str = "csv", out: str | Path | None = None) 
     base = Path(out) if out is not None else db.parent / "cells"
     if base.suffix == f".{fmt}":
         base = base.with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    with ResultStore(db) as store:
+    with writing(base.parent):
+        base.parent.mkdir(parents=True, exist_ok=True)
+    with ResultStore(db, read_only=True) as store:  # never creates or changes the store
         cells = store.cells()
         images = store.images().merge(cells[["cell_key", "status", "code_fingerprint", "is_current",
                                              *IDENTITY_COLUMNS]], on="cell_key", how="left")
     paths = {"cells": base.with_name(base.name + f".{fmt}"), "images": base.with_name(base.name + f"_images.{fmt}")}
     for name, frame in (("cells", cells), ("images", images)):
-        if fmt == "csv":
-            frame.to_csv(paths[name], index=False)
-        else:
-            frame.to_parquet(paths[name], index=False)
+        with writing(paths[name]):
+            if fmt == "csv":
+                frame.to_csv(paths[name], index=False)
+            else:
+                frame.to_parquet(paths[name], index=False)
     return paths

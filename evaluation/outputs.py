@@ -17,9 +17,11 @@ from evaluation.store import ResultStore, current_rows, stale_line
 from evaluation.tables import compact_summary, matrix_latex, to_markdown
 from splitnn import datasets
 from splitnn.datasets import Dataset
+from splitnn.faults import writing
 
 if TYPE_CHECKING:
     from evaluation.runner import Matrix
+
 
 @dataclass
 class Grid:
@@ -75,6 +77,12 @@ def reconstruction_grids(store: ResultStore, cells: pd.DataFrame,
     return grids
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text output; a failure (e.g. a full disk) is a WriteFailure naming ``path``."""
+    with writing(path):
+        path.write_text(text)
+
+
 def grid_name(grids: list[Grid], index: int) -> str:
     """``reconstructions`` for a single grid, else ``reconstructions_<i>_<dataset>``."""
     return "reconstructions" if len(grids) == 1 else f"reconstructions_{index + 1}_{grids[index].dataset}"
@@ -104,10 +112,12 @@ def write_outputs(store: ResultStore, matrix: "Matrix", out: Path) -> Outputs:
     """``table.md``, ``table.tex`` and the figures for the current cells of ``matrix``'s config."""
     frame = current_rows(store.cells([c.key for c in matrix.cells()]))
     stale = stale_line(store.cells())
-    (out / "table.md").write_text(f"# {matrix.config.name}\n\n{to_markdown(frame)}\n\n{stale}\n")
-    (out / "table.tex").write_text(matrix_latex(frame) + "\n")
+    write_text(out / "table.md", f"# {matrix.config.name}\n\n{to_markdown(frame)}\n\n{stale}\n")
+    write_text(out / "table.tex", matrix_latex(frame) + "\n")
     paths = {"store": str(store.path), "table": str(out / "table.md"), "latex table": str(out / "table.tex")}
-    made = write_figures(frame, out, reconstruction_grids(store, frame, lambda c: matrix.dataset(Cell(c))))
+    grids = reconstruction_grids(store, frame, lambda c: matrix.dataset(Cell(c)))
+    with writing(out):
+        made = write_figures(frame, out, grids)
     if "reconstructions" in made:
         paths["grid"] = str(made.pop("reconstructions")[0])
     paths.update({f"figure {name}": ", ".join(str(p) for p in found) for name, found in made.items()})

@@ -1,6 +1,6 @@
 """``leakbench report RESULTS_DIR``: one self-contained HTML page (figures embedded as data URIs, no external
 resources) with the tables, the figures, each cell's status and each run's provenance, written beside the
-store with ``table.tex`` and the figures as PNG and PDF. It reads only the store and shows its current rows (those
+store with ``table.tex`` and the figures as PNG and PDF. It opens the store read-only and shows its current rows (those
 the installed code would compute again the same), saying how many stale ones it holds."""
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from evaluation.config import Cell
 from evaluation.eval_classifier import CLASSIFIER_METRICS
 from evaluation.export import find_store
 from evaluation.metrics import IMAGE_METRICS
-from evaluation.outputs import reconstruction_grids, write_figures
+from evaluation.outputs import reconstruction_grids, write_figures, write_text
 from evaluation.perceptual import LPIPS_UNAVAILABLE
 from evaluation.store import ResultStore, current_rows, stale_line
 from evaluation.tables import best_caption, matrix_html, matrix_latex, result_table
+from splitnn.faults import writing
 
 #: Title and one-line description of each figure, in report order.
 FIGURE_TEXT = {
@@ -161,7 +162,7 @@ def write_report(results: str | Path) -> dict[str, Path]:
     ``results`` (a results directory or its ``results.sqlite``); returns what it wrote, by name."""
     db = find_store(results)
     out = db.parent
-    with ResultStore(db) as store:
+    with ResultStore(db, read_only=True) as store:
         everything, runs = store.cells(), store.runs()
         if everything.empty:
             raise RuntimeError(f"{db} has no cells yet: run `leakbench run` first")
@@ -170,8 +171,9 @@ def write_report(results: str | Path) -> dict[str, Path]:
             raise RuntimeError(f"{db} has no current cells: all {len(everything)} were computed by other code or "
                                f"package versions; rerun `leakbench run` on their config to recompute them")
         grids = reconstruction_grids(store, cells)
-    made = write_figures(cells, out, grids)
-    (out / "table.tex").write_text(matrix_latex(cells) + "\n")
+    with writing(out):
+        made = write_figures(cells, out, grids)
+    write_text(out / "table.tex", matrix_latex(cells) + "\n")
 
     missing = [f"No reconstruction grid for {g.dataset}: {g.problem}." for g in grids if g.problem]
     for name in ("privacy_utility_attack_top1", "peel_depth"):
@@ -189,7 +191,7 @@ def write_report(results: str | Path) -> dict[str, Path]:
         missing_figures=missing, cells=_cell_rows(cells),
         results=result_table(cells).style.hide(axis="index").format(_number, na_rep="", escape="html").to_html(),
         runs=_run_rows(runs))
-    (out / "report.html").write_text(html)
+    write_text(out / "report.html", html)
     paths = {"report": out / "report.html", "latex table": out / "table.tex"}
     paths.update({f"figure {name}": found[0] for name, found in made.items()})
     return paths

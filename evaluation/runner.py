@@ -31,6 +31,7 @@ from evaluation.store import ResultStore, row_fingerprint
 from splitnn import datasets
 from splitnn.datasets import Dataset
 from splitnn.errors import ParameterError
+from splitnn.faults import WriteFailure
 from splitnn.model import SplitModel
 from splitnn.split import split
 from splitnn.training import TrainedModel, config_hash, train
@@ -244,12 +245,15 @@ class Matrix:
 
     def compute_cell(self, cell: Cell) -> CellResult:
         """Compute one cell without touching any store. Never raises for a failure inside the cell: it
-        comes back as a ``failed`` result carrying the error and its traceback."""
+        comes back as a ``failed`` result carrying the error and its traceback. A WriteFailure (e.g. a full disk
+        under the checkpoint cache) is raised: the run stops there, keeping the cells stored before."""
         before = Counter(self.cache_stats)
         start = time.perf_counter()
         try:
             fields = self._compute(cell)
             status = fields.pop("status")
+        except WriteFailure:  # a full disk or read-only cache: every later cell would meet it too
+            raise
         except Exception as exc:  # one failing cell must not stop the others
             status = "failed"
             fields = {"reason": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"}

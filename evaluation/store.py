@@ -11,8 +11,11 @@ Schema:
   current). Extra columns (e.g. budgets) are REAL for numbers and TEXT for strings.
 - ``images(cell_key, image_index, <metric>...)``: per-image metrics of a done cell.
 - ``reconstructions(cell_key, images)``: the reconstructed images (a compressed float16 array).
-Metric and extra columns are added when they first appear, so they need no migration; a store written before
-``code_fingerprint`` existed gets the column on open, and its rows count as stale.
+Metric and extra columns are added when they first appear, so they need no migration. The layout has a version
+(``PRAGMA user_version``, ``SCHEMA_VERSION``): a store of version 0 (written before versions, maybe before
+``code_fingerprint``) is migrated on a writable open, its rows then stale; a newer or unknown one is refused
+(``StoreVersionError``). ``read_only=True`` (report, export) opens with ``mode=ro``: it never creates, migrates
+or changes a store. A failed write (e.g. a full disk) raises ``WriteFailure`` naming the store.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import io
 import json
 import sqlite3
 import time
+import urllib.parse
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,6 +35,7 @@ import torch
 
 import attacks
 import defenses
+from splitnn.faults import write_failure
 from splitnn.fingerprint import code_fingerprint
 
 IDENTITY_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params", "attack", "attack_params", "seed"]
@@ -46,6 +52,24 @@ CREATE TABLE IF NOT EXISTS images (
     cell_key TEXT NOT NULL, image_index INTEGER NOT NULL, PRIMARY KEY (cell_key, image_index));
 CREATE TABLE IF NOT EXISTS reconstructions (cell_key TEXT PRIMARY KEY, images BLOB);
 """
+
+#: The store layout this code writes; ``MIGRATIONS[v]`` takes a store from version v to v + 1.
+SCHEMA_VERSION = 1
+
+#: SQLite result codes (primary, the low byte) that mean the file could not be written or opened, not a bug.
+_IO_CODES = {3, 5, 6, 8, 10, 11, 13, 14, 26}  # PERM BUSY LOCKED READONLY IOERR CORRUPT FULL CANTOPEN NOTADB
+
+
+class StoreVersionError(RuntimeError):
+    """A store of a layout this code does not know (written by a newer leakbench, or not a leakbench store)."""
+
+
+def _migrate_0(store: "ResultStore") -> None:
+    """Version 0 (before versions): the tables as they were, maybe without ``code_fingerprint``."""
+    store._ensure_columns("cells", {"code_fingerprint": "TEXT"})
+
+
+MIGRATIONS = {0: _migrate_0}
 
 
 #: The modules that compute a row besides its attack's and defense's: editing one makes every row stale.
@@ -120,14 +144,81 @@ def model_label(config: dict[str, Any]) -> str:
 class ResultStore:
     """SQLite store of runs, cells and per-image metrics; a finished cell is never recomputed."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.connection = sqlite3.connect(self.path)
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.executescript(_SCHEMA)
-        with self.connection:  # stores written before fingerprints: their rows read as stale
-            self._ensure_columns("cells", {"code_fingerprint": "TEXT"})
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(2, "no result store there (run `leakbench run` first)", str(self.path))
+            self.connection = self._open_read_only()
+            self.version = self._check_version(writable=False)
+            return
+        with self._writing():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.connection = sqlite3.connect(self.path, timeout=30)
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.version = self._check_version(writable=True)
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """``mode=ro``; in a folder where SQLite cannot make the WAL's index, as immutable (nobody writes it)."""
+        uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
+        try:
+            connection = sqlite3.connect(uri, uri=True)
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return connection
+        except sqlite3.OperationalError:
+            connection = sqlite3.connect(uri + "&immutable=1", uri=True)
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return connection
+
+    def _check_version(self, writable: bool) -> int:
+        """The store's layout version after migrating it (when ``writable``); refuses newer or unknown ones."""
+        version = self.connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION or version < 0 or (tables and "cells" not in tables):
+            what = f"layout version {version}" if "cells" in tables else "no cells table"
+            raise StoreVersionError(
+                f"{self.path} is not a result store this leakbench can read ({what}; it reads versions 0 to "
+                f"{SCHEMA_VERSION}): " + ("upgrade leakbench" if version > SCHEMA_VERSION else
+                                          "give --out a folder of its own"))
+        if not tables and not writable:
+            raise StoreVersionError(f"{self.path} holds no tables: not a result store (run `leakbench run` first)")
+        if not writable or version == SCHEMA_VERSION:
+            return version
+        with self.transaction():  # one transaction: a killed migration leaves the old version intact
+            for statement in filter(str.strip, _SCHEMA.split(";")):  # version 0's tables (a fresh store)
+                self.connection.execute(statement)
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](self)
+            self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return SCHEMA_VERSION
+
+    @contextmanager
+    def _writing(self):
+        """OSErrors and SQLite's I/O errors (full disk, read-only file, ...) as a WriteFailure naming the store."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_failure(self.path, exc) from exc
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _IO_CODES:
+                raise
+            raise write_failure(self.path, exc) from exc
+
+    @contextmanager
+    def transaction(self):
+        """One write transaction, taken at its start (``BEGIN IMMEDIATE``), so reading the columns and writing
+        a row cannot interleave with another writer; committed whole or rolled back whole."""
+        if self.read_only:
+            raise StoreVersionError(f"{self.path} was opened read-only")
+        with self._writing():
+            self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.connection.commit()
+            except BaseException:
+                self.connection.rollback()
+                raise
 
     def close(self) -> None:
         self.connection.close()
@@ -155,13 +246,13 @@ class ResultStore:
     # -- runs -----------------------------------------------------------------------------------
     def start_run(self, config: Any, provenance: dict[str, Any]) -> str:
         run_id = uuid.uuid4().hex[:12]
-        with self.connection:
+        with self.transaction():
             self.connection.execute("INSERT INTO runs VALUES (?, ?, NULL, ?, ?)",
                                     (run_id, time.time(), _json(config), _json(provenance)))
         return run_id
 
     def finish_run(self, run_id: str) -> None:
-        with self.connection:
+        with self.transaction():
             self.connection.execute("UPDATE runs SET finished_at = ? WHERE run_id = ?", (time.time(), run_id))
 
     # -- cells ----------------------------------------------------------------------------------
@@ -205,7 +296,7 @@ class ResultStore:
                 raise ValueError(f"extra column {name!r}: got {value!r}, expected a number, a string or None")
             row[name] = float(value) if isinstance(value, (int, float)) else value
             types[name] = "TEXT" if isinstance(value, str) else "REAL"
-        with self.connection:
+        with self.transaction():
             existing = self._columns("cells")
             for name in [k for k in row if k not in existing and row[k] is None and k in (extra or {})]:
                 del row[name]  # an extra column's type is known only from its first value

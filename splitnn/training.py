@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from splitnn import datasets as datasets_mod
 from splitnn import zoo
 from splitnn.errors import ParameterError, check_number
+from splitnn.faults import set_aside, write_failure
 from splitnn.fingerprint import code_fingerprint
 
 if TYPE_CHECKING:
@@ -39,18 +40,29 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def atomic_save(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)``: into a unique temporary file beside it, flushed to disk, then
-    renamed into place, so a killed run never leaves half a file and concurrent writers never share one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``path`` through ``write(file)``: into a unique temporary file beside it (``mkstemp``), fsynced,
+    then renamed into place and the folder fsynced, so a killed run never leaves half a file and of concurrent
+    writers one wins whole. Any OSError (e.g. a full disk) is raised as a WriteFailure naming ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failure(path, exc) from exc
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself survives a power cut
+        finally:
+            os.close(folder)
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failure(path, exc) from exc
         raise
 
 
@@ -189,12 +201,22 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
     path = cache / "models" / f"{config.key()}-{fingerprint}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        meta = json.loads(meta_path.read_text())
-        if defense is not None:
-            defense.restore(meta.get("defense_report", {}))
-        return TrainedModel(model.eval(), config, meta["test_accuracy"], True, path, meta["train_seconds"],
-                            defense)
+        try:  # everything read before the model is touched; a bad state dict rebuilds it below
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            meta = json.loads(meta_path.read_text())
+            test_accuracy, train_seconds = float(meta["test_accuracy"]), float(meta["train_seconds"])
+            model.load_state_dict(state)
+            if defense is not None:
+                defense.restore(meta.get("defense_report", {}))
+        except Exception as exc:  # a truncated, foreign or hand-edited file: moved aside (kept) and retrained
+            set_aside(path, exc, meta_path)
+            defense = config.build_defense()
+            torch.manual_seed(config.seed)
+            model = build_model(config, data)
+            if defense is not None:
+                model = defense.prepare_model(model)
+        else:
+            return TrainedModel(model.eval(), config, test_accuracy, True, path, train_seconds, defense)
 
     start = time.perf_counter()
     report: dict[str, Any] = {}
