@@ -20,6 +20,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     cells = config.cells()
     for cell in cells:
         print(f"{cell.key}  {cell.label()}")
+    for note in config.notes:
+        print(f"note: {note}")
+    cost = config.cost()
+    print(cost.describe())
+    problems = cost.problems()
+    if problems and not args.force:
+        for problem in problems:
+            print(f"leakbench: {args.config}: {problem}; rerun with --force to accept it", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     print(f"{len(cells)} cells in {config.name}: config is valid")
     return 0
 
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_report)
     validate = sub.add_parser("validate", help="check a config and list the cells it would run")
     validate.add_argument("config")
+    validate.add_argument("--force", action="store_true", help="accept a grid over the cell-count or memory bound")
     validate.set_defaults(func=_cmd_validate)
     listing = sub.add_parser("defenses", help="list every defense with its kind, parameters and guarantee")
     listing.add_argument("-v", "--verbose", action="store_true", help="one paragraph per defense")

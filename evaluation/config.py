@@ -1,31 +1,51 @@
-"""YAML experiment configs: loaded with ``yaml.safe_load``, validated completely before any work,
-and expanded into cells (dataset, model, cut, defense, attack, seed)."""
+"""YAML experiment configs: read through the safe loader, checked completely by the schema before any work
+(every error at once, each naming its YAML path), and expanded into cells (dataset, model, cut, defense,
+attack, seed)."""
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-import yaml
+from pydantic import ValidationError
 
 import attacks
 import defenses
+from evaluation import schema
+from evaluation.schema import Issue
 from evaluation.store import model_label, named, params_text
+from evaluation.yaml_loader import YAMLInputError, load_yaml
 from splitnn import datasets, zoo
-from splitnn.errors import ParameterError, check_bool, check_choice, check_number
-from splitnn.split import valid_cuts
+from splitnn.errors import ParameterError
 from splitnn.training import TrainConfig, config_hash
 
-TOP_LEVEL_KEYS = {"name", "seed", "dataset", "model", "train", "cut", "defenses", "attacks", "evaluation"}
-TRAIN_KEYS = {"epochs", "lr", "batch_size", "weight_decay"}
-EVALUATION_KEYS = {"num_images", "classifier", "lpips_weights", "lpips_net"}
-#: What ``evaluation:`` resolves to when a key is left out (the classifier metrics are on; LPIPS needs weights).
-EVALUATION_DEFAULTS = {"num_images": 16, "classifier": True, "lpips_weights": None, "lpips_net": "alex"}
+if TYPE_CHECKING:
+    from evaluation.cost import Cost
+
+TRAIN_KEYS = set(schema.Train.model_fields)
+#: Issues listed in one message at most; the count of the rest follows.
+MAX_ISSUES_SHOWN = 8
 
 
 class ConfigError(ParameterError):
-    """An invalid config; the key is a path into the YAML, e.g. ``defenses[1].params.scale``."""
+    """An invalid config: every problem found, each an ``Issue`` whose path points into the YAML, e.g.
+    ``defenses[1].params.scale``; ``key``, ``value`` and ``expected`` are those of the first."""
+
+    def __init__(self, key: str, value: Any = None, expected: str = "", issues: list[Issue] | None = None):
+        self.issues = issues or [Issue(key, value, expected)]
+        first = self.issues[0]
+        super().__init__(first.path, first.value, first.expected)
+        if len(self.issues) > 1:
+            shown = [str(i) for i in self.issues[:MAX_ISSUES_SHOWN]]
+            more = len(self.issues) - len(shown)
+            self.args = (f"{len(self.issues)} problems:\n  " + "\n  ".join(shown)
+                         + (f"\n  ... and {more} more" if more else ""),)
+
+    @classmethod
+    def of(cls, issues: list[Issue]) -> "ConfigError":
+        return cls(issues[0].path, issues=issues)
 
 
 @dataclass(frozen=True)
@@ -65,112 +85,175 @@ class Cell:
                f"{named(c['attack'])} | seed {c['seed']}"
 
 
-def _named(value: Any, key: str) -> dict[str, Any]:
-    """``name`` or ``{name: ..., params: {...}}`` -> ``{"name": ..., "params": {...}}``."""
-    if isinstance(value, str):
-        return {"name": value, "params": {}}
-    if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(key, value, "a name or a mapping with 'name' (and optional 'params')")
-    extra = set(value) - {"name", "params"}
-    if extra:
-        raise ConfigError(f"{key}.{sorted(extra)[0]}", value[sorted(extra)[0]], "only the keys 'name' and 'params'")
-    params = value.get("params") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{key}.params", params, "a mapping of parameter names to values")
-    return {"name": value["name"], "params": dict(params)}
-
-
-def _zipped(value: Any, key: str) -> list[dict[str, Any]]:
-    """A defense or attack entry, with its optional ``zip`` expanded into paired variants.
-
-    ``{name: n, params: {a: 1}, zip: {b: [1, 2], c: [x, y]}}`` becomes two entries,
-    ``params {a: 1, b: 1, c: x}`` and ``params {a: 1, b: 2, c: y}``: the i-th value of every zipped
-    parameter goes together (no cross product). Each entry also records its YAML key and that of each
-    zipped value (popped again after validation), so that a bad value is reported where the user wrote it.
-    """
-    if not isinstance(value, dict) or "zip" not in value:
-        return [{**_named(value, key), "yaml_key": key, "zip_paths": {}}]
-    zipped = value["zip"]
-    base = _named({k: v for k, v in value.items() if k != "zip"}, key)
-    if not isinstance(zipped, dict) or not zipped:
-        raise ConfigError(f"{key}.zip", zipped, "a non-empty mapping of parameter names to lists of equal length")
-    length = None
-    for param, values in zipped.items():
-        if param in base["params"]:
-            raise ConfigError(f"{key}.zip.{param}", values, "a parameter given either in 'params' or in 'zip', "
-                                                           "not both")
-        if not isinstance(param, str) or not isinstance(values, list) or not values:
-            raise ConfigError(f"{key}.zip.{param}", values, "a non-empty list of values")
-        if length is None:
-            length = len(values)
-        elif len(values) != length:
-            raise ConfigError(f"{key}.zip.{param}", values,
-                              f"a list of {length} values, as long as the other zipped lists")
-    variants = []
-    for i in range(length or 0):
-        params = {**base["params"], **{p: vs[i] for p, vs in zipped.items()}}
-        variants.append({"name": base["name"], "params": params, "yaml_key": key,
-                         "zip_paths": {p: f"{key}.zip.{p}[{i}]" for p in zipped}})
-    return variants
-
-
-def _as_list(value: Any, key: str) -> list[Any]:
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise ConfigError(key, value, "a non-empty list")
-    return items
-
-
-def _build(registry_get, spec: dict[str, Any], key: str, zip_paths: dict[str, str] | None = None) -> Any:
-    try:
-        return registry_get(spec["name"], **spec["params"])
-    except ParameterError as exc:
-        zip_paths = zip_paths or {}
-        path = f"{key}.name" if exc.key == "name" else zip_paths.get(exc.key, f"{key}.params.{exc.key}")
-        raise ConfigError(path, exc.value, exc.expected) from None
+def _safe_name(stem: str) -> str:
+    """A file stem as an output folder name: one path component of safe characters."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".-_")[:100] or "experiment"
 
 
 class ExperimentConfig:
-    """A validated config. Construction checks every key; ``cells()`` expands the grid."""
+    """A validated config. Construction checks every key (all problems at once); ``cells()`` expands the grid."""
 
     def __init__(self, raw: Any, source: str = "<config>"):
         self.source = source
         if not isinstance(raw, dict):
             raise ConfigError("<top level>", raw, "a mapping of config keys")
-        unknown = set(raw) - TOP_LEVEL_KEYS
-        if unknown:
-            key = sorted(unknown)[0]
-            raise ConfigError(key, raw[key], "no such key; known keys: " + ", ".join(sorted(TOP_LEVEL_KEYS)))
-        for required in ("dataset", "model", "cut", "defenses", "attacks"):
-            if required not in raw:
-                raise ConfigError(required, None, "this key to be present")
+        try:
+            parsed = schema.Experiment.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError.of(schema.issues_of(exc, raw, schema.Experiment)) from None
         self.raw = copy.deepcopy(raw)
-        self.name = str(raw.get("name", Path(source).stem))
-        self.seeds = [check_number(f"seed[{i}]", s, low=0, integer=True)
-                      for i, s in enumerate(_as_list(raw.get("seed", 0), "seed"))]
-        self.datasets = [_named(d, f"dataset[{i}]" if isinstance(raw["dataset"], list) else "dataset")
-                         for i, d in enumerate(_as_list(raw["dataset"], "dataset"))]
-        self.train = self._section(raw.get("train") or {}, "train", TRAIN_KEYS)
-        # One model, or a list of them; an entry may override ``train`` (e.g. ``epochs: 0``: random weights).
-        self.models = [self._model_entry(m, f"model[{i}]" if isinstance(raw["model"], list) else "model")
-                       for i, m in enumerate(_as_list(raw["model"], "model"))]
-        self.evaluation = {**EVALUATION_DEFAULTS, **self._section(raw.get("evaluation") or {}, "evaluation",
-                                                                   EVALUATION_KEYS)}
-        self._validate_evaluation()
-        self.cuts = _as_list(raw["cut"], "cut")
-        self.defenses = [v for i, d in enumerate(_as_list(raw["defenses"], "defenses"))
-                         for v in _zipped(d, f"defenses[{i}]")]
-        self.attacks = [v for i, a in enumerate(_as_list(raw["attacks"], "attacks"))
-                        for v in _zipped(a, f"attacks[{i}]")]
-        self._validate()
+        self.name = parsed.name or _safe_name(Path(source).stem)
+        self.notes: list[str] = []
+        self.seeds = self._unique(parsed.seed, "seed")
+        self.cuts = self._unique(parsed.cut, "cut")
+        self._issues: list[Issue] = []
+        self.datasets = [self._dataset(entry, self._key(raw, "dataset", i)) for i, entry in enumerate(parsed.dataset)]
+        self.train = parsed.train.model_dump(exclude_none=True)
+        self.evaluation = parsed.evaluation.model_dump()
+        self._check_lpips(raw)
+        shapes = sorted({(d["info"].num_classes, d["info"].in_channels) for d in self.datasets if d})
+        self._meta_models: list[dict[tuple[int, int], Any]] = []  # per model entry: (classes, channels) -> model
+        self.models = [self._model(entry, self._key(raw, "model", i), shapes) for i, entry in enumerate(parsed.model)]
+        self.defenses = self._entries(parsed.defenses, raw, "defenses", defenses.get, exclude=frozenset({"seed"}))
+        self.attacks = self._entries(parsed.attacks, raw, "attacks", attacks.get)
+        if self._issues:
+            raise ConfigError.of(self._issues)
+        self._infos = [d.pop("info") for d in self.datasets]
 
-    def _model_entry(self, value: Any, key: str) -> dict[str, Any]:
-        """``name`` or ``{name, params, train}`` -> ``{"name", "params", "train"}`` (train overrides the top level)."""
-        train = {}
-        if isinstance(value, dict) and "train" in value:
-            train = self._section(value["train"] or {}, f"{key}.train", TRAIN_KEYS)
-            value = {k: v for k, v in value.items() if k != "train"}
-        return {**_named(value, key), "train": {**self.train, **train}, "yaml_key": key}
+    def _unique(self, values: list[Any], key: str) -> list[Any]:
+        """Drop repeated seeds or cuts (they would give identical cells), with a note."""
+        unique = list(dict.fromkeys(values))
+        if len(unique) < len(values):
+            self.notes.append(f"{key}: {len(values) - len(unique)} repeated values dropped (identical cells)")
+        return unique
+
+    @staticmethod
+    def _key(raw: dict[str, Any], section: str, i: int) -> str:
+        return f"{section}[{i}]" if isinstance(raw.get(section), list) else section
+
+    def _issue(self, path: str, value: Any, expected: str) -> None:
+        self._issues.append(Issue(path, value, expected))
+
+    def _params(self, factory: Callable[..., Any], params: dict[str, Any], key: str,
+                paths: dict[str, str] | None = None, exclude: frozenset[str] = frozenset()) -> bool:
+        """Type-check ``params`` against the factory's signature; False (with the issues noted) if they fail."""
+        model = schema.params_model(factory, exclude)
+        try:
+            model.model_validate(params)
+        except ValidationError as exc:
+            for issue in schema.issues_of(exc, params, model):
+                head, dot, rest = issue.path.partition(".")
+                head, bracket, index = head.partition("[")
+                where = (paths or {}).get(head, f"params.{head}") + bracket + index + dot + rest
+                expected = issue.expected
+                if head in exclude:
+                    expected = f"no {head} here: every cell takes the top-level {head}"
+                self._issue(f"{key}.{where}", issue.value, expected)
+            return False
+        return True
+
+    def _build(self, build: Callable[..., Any], name: str, params: dict[str, Any], key: str,
+               paths: dict[str, str] | None = None) -> Any:
+        """Build a registered thing once (its own checks bound the values); None, with the issue noted, if not."""
+        try:
+            return build(name, **params)
+        except ParameterError as exc:
+            paths = paths or {}
+            path = f"{key}.name" if exc.key == "name" else f"{key}." + paths.get(exc.key, f"params.{exc.key}")
+            self._issue(path, exc.value, exc.expected)
+            return None
+
+    def _factory(self, registry_factory: Callable[[str], Any], name: str, key: str) -> Any:
+        try:
+            return registry_factory(name)
+        except ParameterError as exc:
+            self._issue(f"{key}.name", exc.value, exc.expected)
+            return None
+
+    def _dataset(self, entry: schema.Entry, key: str) -> dict[str, Any] | None:
+        factory = self._factory(datasets.factory, entry.name, key)
+        if factory is None or not self._params(factory, entry.params, key):
+            return None
+        info = self._build(datasets.describe, entry.name, entry.params, key)  # checks without loading
+        return None if info is None else {"name": entry.name, "params": dict(info.params), "info": info}
+
+    def _check_lpips(self, raw: dict[str, Any]) -> None:
+        """LPIPS weights are loaded once now, so a wrong file fails before any work."""
+        from evaluation.perceptual import LPIPS
+
+        ev = self.evaluation
+        if ev["lpips_weights"] is not None:
+            try:
+                LPIPS(ev["lpips_weights"], ev["lpips_net"])
+            except ParameterError as exc:
+                self._issue(f"evaluation.{exc.key}", exc.value, exc.expected)
+
+    def _model(self, entry: schema.ModelEntry, key: str, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+        """``{"name", "params", "train"}``; the entry's ``train`` overrides the top level. The model is built on
+        the meta device (no memory) for each dataset shape, so a bad parameter or cut fails now."""
+        import torch
+
+        from splitnn.split import valid_cuts
+
+        own_train = entry.train.model_dump(exclude_none=True)
+        train = {**self.train, **own_train}
+        resolved = {"name": entry.name, "params": dict(entry.params), "train": train}
+        train_key = f"{key}.train" if own_train else "train"
+        try:
+            config = TrainConfig(model=entry.name, dataset=self.datasets[0]["name"] if self.datasets[0] else "",
+                                 **train)
+            resolved["train"] = {k: getattr(config, k) for k in sorted(TRAIN_KEYS)}
+        except ParameterError as exc:
+            self._issue(f"{train_key}.{exc.key}", exc.value, exc.expected)
+        factory = self._factory(zoo.factory, entry.name, key)
+        meta: dict[tuple[int, int], Any] = {}
+        self._meta_models.append(meta)
+        if factory is None or not self._params(factory, entry.params, key):
+            return resolved
+        for num_classes, in_channels in shapes:
+            with torch.device("meta"):
+                model = self._build(zoo.get, entry.name, {"num_classes": num_classes, "in_channels": in_channels,
+                                                          **entry.params}, key)
+            if model is None:
+                return resolved
+            meta[(num_classes, in_channels)] = model
+            cuts = valid_cuts(model)
+            for i, cut in enumerate(self.cuts):
+                if cut not in cuts:
+                    where = f"cut[{i}]" if isinstance(self.raw.get("cut"), list) else "cut"
+                    self._issue(where, cut, f"a module after which {entry.name} can be cut: " + ", ".join(cuts))
+        return resolved
+
+    def _entries(self, entries: list[schema.ZippedEntry], raw: dict[str, Any], section: str,
+                 build: Callable[..., Any], exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """Each defense or attack variant with its parameters resolved (defaults filled in, so that a cell's
+        hash covers its full configuration)."""
+        registry = defenses.defense_class if section == "defenses" else attacks.attack_class
+        resolved, seen = [], set()
+        for i, entry in enumerate(entries):
+            key = self._key(raw, section, i)
+            factory = self._factory(registry, entry.name, key)
+            if factory is None:
+                continue
+            zip_issues = entry.zip_issues()
+            for path, value, expected in zip_issues:
+                self._issue(f"{key}.{path}", value, expected)
+            if zip_issues:
+                continue
+            for params, paths in entry.variants():
+                if not self._params(factory, params, key, paths, exclude):
+                    continue
+                built = self._build(build, entry.name, params, key, paths)
+                if built is None:
+                    continue
+                spec = {"name": entry.name, "params": dict(built.params)}
+                ident = config_hash(spec)
+                if ident in seen:
+                    self.notes.append(f"{key}: the same {section[:-1]} as an earlier entry, dropped (identical cells)")
+                    continue
+                seen.add(ident)
+                resolved.append(spec)
+        return resolved
 
     @property
     def dataset(self) -> dict[str, Any]:
@@ -182,60 +265,20 @@ class ExperimentConfig:
         """The first (usually only) model, as ``{"name", "params"}``."""
         return {"name": self.models[0]["name"], "params": self.models[0]["params"]}
 
-    @staticmethod
-    def _section(value: Any, key: str, known: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise ConfigError(key, value, "a mapping")
-        for k in value:
-            if k not in known:
-                raise ConfigError(f"{key}.{k}", value[k], "no such key; known keys: " + ", ".join(sorted(known)))
-        return dict(value)
+    def cost(self) -> "Cost":
+        """The grid's cell count and its largest per-cell memory estimate (see ``evaluation.cost``)."""
+        from evaluation.cost import Cost, cell_bytes
 
-    def _validate_evaluation(self) -> None:
-        """Check ``evaluation:``; LPIPS weights are loaded once now, so a wrong file fails before any work."""
-        from evaluation.perceptual import BACKBONES, LPIPS
-
-        ev = self.evaluation
-        check_number("evaluation.num_images", ev["num_images"], low=1, integer=True)
-        try:
-            check_bool("classifier", ev["classifier"])
-            if ev["lpips_weights"] is not None:
-                if not isinstance(ev["lpips_weights"], str):
-                    raise ParameterError("lpips_weights", ev["lpips_weights"], "a path to a local file, or null")
-                LPIPS(ev["lpips_weights"], ev["lpips_net"])
-            else:
-                check_choice("lpips_net", ev["lpips_net"], tuple(BACKBONES))
-        except ParameterError as exc:
-            raise ConfigError(f"evaluation.{exc.key}", exc.value, exc.expected) from None
-
-    def _validate(self) -> None:
-        """Build everything once (cheaply) so every bad key fails now; resolve defaults into the config
-        so that a cell's hash covers its full configuration."""
-        shapes = []
-        for i, spec in enumerate(self.datasets):
-            data = _build(datasets.get, spec, f"dataset[{i}]" if len(self.datasets) > 1 else "dataset")
-            spec["params"] = dict(data.params)
-            shapes.append((data.num_classes, data.in_channels))
-        for entry in self.models:
-            key = entry.pop("yaml_key")
-            for num_classes, in_channels in sorted(set(shapes)):
-                model_params = {"num_classes": num_classes, "in_channels": in_channels, **entry["params"]}
-                model = _build(zoo.get, {"name": entry["name"], "params": model_params}, key)
-            train_key = f"{key}.train" if entry["train"] != self.train else "train"
-            try:
-                train = TrainConfig(model=entry["name"], dataset=self.dataset["name"], **entry["train"])
-            except ParameterError as exc:
-                raise ConfigError(f"{train_key}.{exc.key}", exc.value, exc.expected) from None
-            entry["train"] = {k: getattr(train, k) for k in sorted(TRAIN_KEYS)}
-            cuts = valid_cuts(model)
-            for i, cut in enumerate(self.cuts):
-                if cut not in cuts:
-                    raise ConfigError(f"cut[{i}]" if len(self.cuts) > 1 else "cut", cut,
-                                      f"a module after which {entry['name']} can be cut: " + ", ".join(cuts))
-        for section, registry in (("defenses", defenses.get), ("attacks", attacks.get)):
-            for spec in getattr(self, section):
-                key, paths = spec.pop("yaml_key"), spec.pop("zip_paths")
-                spec["params"] = dict(_build(registry, spec, key, paths).params)
+        peak, where = 0, ""
+        for info in self._infos:
+            for entry, meta in zip(self.models, self._meta_models):
+                model = meta[(info.num_classes, info.in_channels)]
+                for cut in self.cuts:
+                    need = cell_bytes(model, cut, (info.in_channels, info.size, info.size), info.num_images,
+                                      self.evaluation["num_images"], entry["train"]["batch_size"])
+                    if need > peak:
+                        peak, where = need, f"{info.name} | {entry['name']} | {cut}"
+        return Cost(len(self.cells()), peak, where)
 
     def cells(self) -> list[Cell]:
         """The grid: every seed x dataset x model x cut x defense x attack, in that nesting order."""
@@ -247,10 +290,10 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config; raises ConfigError (naming the key) or OSError."""
-    path = Path(path)
+    """Read and validate a YAML config; raises ConfigError (every problem, each naming its key; a file that is
+    not acceptable YAML names the file and line) or OSError (the file cannot be read)."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), "<unparseable YAML>", f"valid YAML ({exc})") from None
+        raw = load_yaml(path)
+    except YAMLInputError as exc:
+        raise ConfigError(exc.key, exc.value, exc.expected) from None
     return ExperimentConfig(raw, str(path))

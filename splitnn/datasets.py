@@ -5,18 +5,26 @@ scikit-image's ``lfw_subset``: 100 real LFW faces and 100 non-face patches (labe
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from splitnn.errors import check_number
+from splitnn.errors import ParameterError, check_number
 from splitnn.registry import Registry
 
 _registry: Registry["Dataset"] = Registry("dataset")
+#: name -> (number of classes, number of images): what validation needs, known without loading anything.
+_SIZES: dict[str, tuple[int, int]] = {}
+
+
+def _register(name: str, num_classes: int, num_images: int) -> Callable[[Callable[..., "Dataset"]], Callable]:
+    _SIZES[name] = (num_classes, num_images)
+    return _registry.register(name)
 
 
 @dataclass
@@ -57,30 +65,31 @@ def _split(name: str, images: np.ndarray, labels: np.ndarray, size: int, channel
     return Dataset(name, x[idx_train], y[idx_train], x[idx_test], y[idx_test], num_classes, params)
 
 
-def _check_common(size: int, channels: int, test_fraction: float) -> None:
+def _check_common(size: int, channels: int, test_fraction: float = 0.5, split_seed: int = 0) -> None:
     check_number("size", size, low=8, high=512, integer=True)
     check_number("channels", channels, low=1, high=3, integer=True)
     check_number("test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
+    check_number("split_seed", split_seed, low=0, high=2 ** 32 - 1, integer=True)  # scikit-learn's bound
 
 
-@_registry.register("digits")
+@_register("digits", num_classes=10, num_images=1797)
 def digits(size: int = 32, channels: int = 3, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), upsampled to ``size``."""
     from sklearn.datasets import load_digits
 
-    _check_common(size, channels, test_fraction)
+    _check_common(size, channels, test_fraction, split_seed)
     bunch = load_digits()
     images = bunch.images / 16.0
     params = dict(size=size, channels=channels, test_fraction=test_fraction, split_seed=split_seed)
     return _split("digits", images, bunch.target, size, channels, test_fraction, split_seed, 10, params)
 
 
-@_registry.register("lfw_faces")
+@_register("lfw_faces", num_classes=2, num_images=200)
 def lfw_faces(size: int = 32, channels: int = 3, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """scikit-image's ``lfw_subset``: 100 LFW faces (label 1) and 100 non-faces (label 0), 25x25."""
     from skimage.data import lfw_subset
 
-    _check_common(size, channels, test_fraction)
+    _check_common(size, channels, test_fraction, split_seed)
     images = lfw_subset()  # already float64 in [0, 1]
     labels = np.array([1] * 100 + [0] * 100)
     params = dict(size=size, channels=channels, test_fraction=test_fraction, split_seed=split_seed)
@@ -106,7 +115,7 @@ def _portrait(source: str, rows: slice, cols: slice) -> np.ndarray:
     return image[rows, cols].astype(np.float64) / 255.0
 
 
-@_registry.register("portraits")
+@_register("portraits", num_classes=2, num_images=202)
 def portraits(size: int = 64, channels: int = 3) -> Dataset:
     """Two real high-resolution portraits (scikit-image's astronaut, matplotlib's Grace Hopper), cropped to
     the face, as the *test* images; the training set is ``lfw_subset`` (100 faces, label 1, and 100
@@ -114,8 +123,7 @@ def portraits(size: int = 64, channels: int = 3) -> Dataset:
     from skimage.color import rgb2gray
     from skimage.data import lfw_subset
 
-    check_number("size", size, low=8, high=512, integer=True)
-    check_number("channels", channels, low=1, high=3, integer=True)
+    _check_common(size, channels)
     faces = [_portrait(*spec) for spec in PORTRAITS]
     x_test = torch.cat([_to_tensor(rgb2gray(f)[None], size, channels) if channels != 3 else
                         F.interpolate(torch.as_tensor(f, dtype=torch.float32).permute(2, 0, 1)[None],
@@ -127,6 +135,37 @@ def portraits(size: int = 64, channels: int = 3) -> Dataset:
                    dict(size=size, channels=channels))
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset will be, known without loading it: its resolved parameters and sizes."""
+
+    name: str
+    params: dict[str, Any]
+    num_classes: int
+    num_images: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.params["channels"]
+
+    @property
+    def size(self) -> int:
+        return self.params["size"]
+
+
+def describe(name: str, **params: Any) -> DatasetInfo:
+    """Check a dataset's parameters and resolve their defaults, without loading it (config validation)."""
+    factory = _registry.factory(name)
+    signature = inspect.signature(factory)
+    resolved = {p.name: params.get(p.name, p.default) for p in signature.parameters.values()}
+    unknown = sorted(set(params) - set(resolved))
+    if unknown:
+        raise ParameterError(unknown[0], params[unknown[0]],
+                             f"no such parameter of dataset {name!r}; known: {', '.join(resolved)}")
+    _check_common(**resolved)
+    return DatasetInfo(name, resolved, *_SIZES[name])
+
+
 def get(name: str, **params: Any) -> Dataset:
     """Load a dataset by name, e.g. ``datasets.get("digits", size=32)``."""
     return _registry.get(name, **params)
@@ -134,3 +173,8 @@ def get(name: str, **params: Any) -> Dataset:
 
 def names() -> list[str]:
     return _registry.names()
+
+
+def factory(name: str) -> Callable[..., Any]:
+    """The function registered as ``name`` (its signature declares the dataset's parameters), without calling it."""
+    return _registry.factory(name)

@@ -1,15 +1,29 @@
 """Errors and parameter checks shared by every package, so bad input fails early and says why."""
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Iterable
+
+#: The longest a value is ever shown in a message: a huge or deeply nested value never floods the terminal
+#: (and is never expanded in full: reprlib stops at these sizes).
+VALUE_CHARS = 120
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 3, 4, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def short_repr(value: Any, limit: int = VALUE_CHARS) -> str:
+    """``repr(value)``, shortened to at most ``limit`` characters without building the full repr."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ParameterError(ValueError):
-    """A parameter (or config key) has a bad value; names the key, the value and what was expected."""
+    """A parameter (or config key) has a bad value; names the key, the value (shortened) and what was expected."""
 
     def __init__(self, key: str, value: Any, expected: str):
         self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"{key}: got {value!r}, expected {expected}")
+        super().__init__(f"{key}: got {short_repr(value)}, expected {expected}")
 
     def under(self, prefix: str) -> "ParameterError":
         """The same error with its key placed under a config path, e.g. ``defenses[1].params``."""

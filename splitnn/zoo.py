@@ -6,7 +6,7 @@ for torchvision's own ``resnet18``/``resnet50`` instances.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -295,3 +295,8 @@ def get(name: str, **params: Any) -> nn.Module:
 
 def names() -> list[str]:
     return _registry.names()
+
+
+def factory(name: str) -> Callable[..., Any]:
+    """The function registered as ``name`` (its signature declares the model's parameters), without calling it."""
+    return _registry.factory(name)

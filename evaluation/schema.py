@@ -1,0 +1,222 @@
+"""The experiment config's schema, in pydantic: every key typed and bounded, unknown keys refused.
+
+Two layers, both pydantic. ``Experiment`` types the structure (top level, dataset, model, train, defense and
+attack entries, evaluation). ``params_model(factory)`` types one registered thing's ``params`` from its
+signature, which is the one place a parameter's name, type and default are declared; the factory's own
+checks then bound its values. Errors come back as ``Issue``s naming the YAML path as the user wrote it
+(``defenses[1].params.scale``, ``dataset.params.size`` for a single entry written without a list).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError,
+                      create_model)
+
+from evaluation.perceptual import BACKBONES
+from splitnn.errors import short_repr
+
+#: Bounds on the grid's own lists: far above any real experiment, far below what exhausts a machine.
+MAX_LIST = 1000
+SQLITE_INT_MAX = 2 ** 63  # seeds are stored as SQLite INTEGERs
+
+_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+
+class _Strict(BaseModel):
+    model_config = _CONFIG
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+#: The experiment's name names its output folder, so it is one safe path component.
+ExperimentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+Seed = Annotated[int, Field(ge=0, lt=SQLITE_INT_MAX)]
+Params = dict[str, Any]
+
+
+def _named(value: Any) -> Any:
+    """``name`` is short for ``{name: name}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _listed(value: Any) -> Any:
+    """A single entry is short for a one-entry list."""
+    return value if isinstance(value, list) else [value]
+
+
+def _empty_mapping(value: Any) -> Any:
+    """``params:`` or ``train:`` left empty (YAML null) means none; ``[]``, ``false`` or ``0`` are errors."""
+    return {} if value is None else value
+
+
+def OneOrMany(item: Any) -> Any:  # noqa: N802 (a type alias builder)
+    return Annotated[list[item], BeforeValidator(_listed), Field(min_length=1, max_length=MAX_LIST)]
+
+
+class Train(_Strict):
+    epochs: int | None = Field(None, ge=0, le=10_000)
+    lr: float | None = Field(None, gt=0, le=100)
+    batch_size: int | None = Field(None, ge=1, le=1_000_000)
+    weight_decay: float | None = Field(None, ge=0, le=1)
+
+
+class Entry(_Strict):
+    """A dataset, defense or attack: ``name``, or ``{name, params}``."""
+
+    name: Name
+    params: Annotated[Params, BeforeValidator(_empty_mapping)] = {}
+
+
+NamedEntry = Annotated[Entry, BeforeValidator(_named)]
+
+
+class ModelEntry(Entry):
+    """A model; its ``train`` overrides the top-level one (e.g. ``epochs: 0`` for random weights)."""
+
+    train: Annotated[Train, BeforeValidator(_empty_mapping)] = Train()
+
+
+class ZippedEntry(Entry):
+    """A defense or attack; ``zip`` pairs the i-th values of several parameters (no cross product)."""
+
+    zip: dict[str, Annotated[list[Any], Field(min_length=1, max_length=MAX_LIST)]] | None = None
+
+    def zip_issues(self) -> list[tuple[str, Any, str]]:
+        """``(path under the entry, value, expected)`` for each way the zipped lists fail to pair up."""
+        if self.zip is None:
+            return []
+        if not self.zip:
+            return [("zip", {}, "a non-empty mapping of parameter names to lists of equal length")]
+        found = [(f"zip.{p}", v, "a parameter given either in 'params' or in 'zip', not both")
+                 for p, v in self.zip.items() if p in self.params]
+        length = len(next(iter(self.zip.values())))
+        found += [(f"zip.{p}", v, f"a list of {length} values, as long as the other zipped lists")
+                  for p, v in self.zip.items() if len(v) != length]
+        return found
+
+    def variants(self) -> list[tuple[Params, dict[str, str]]]:
+        """``(params, zip paths)`` of each paired variant; the paths name where each zipped value was written."""
+        if self.zip is None:
+            return [(dict(self.params), {})]
+        length = len(next(iter(self.zip.values())))
+        return [({**self.params, **{p: vs[i] for p, vs in self.zip.items()}},
+                 {p: f"zip.{p}[{i}]" for p in self.zip}) for i in range(length)]
+
+
+class Evaluation(_Strict):
+    num_images: int = Field(16, ge=1, le=10_000)
+    classifier: bool = True
+    lpips_weights: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    lpips_net: Literal[tuple(BACKBONES)] = "alex"  # type: ignore[valid-type]
+
+
+class Experiment(_Strict):
+    name: ExperimentName | None = None
+    seed: OneOrMany(Seed) = [0]
+    dataset: OneOrMany(NamedEntry)
+    model: OneOrMany(Annotated[ModelEntry, BeforeValidator(_named)])
+    train: Annotated[Train, BeforeValidator(_empty_mapping)] = Train()
+    cut: OneOrMany(Name)
+    defenses: OneOrMany(Annotated[ZippedEntry, BeforeValidator(_named)])
+    attacks: OneOrMany(Annotated[ZippedEntry, BeforeValidator(_named)])
+    evaluation: Annotated[Evaluation, BeforeValidator(_empty_mapping)] = Evaluation()
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One error: the YAML path, the value found (shortened) and what was expected."""
+
+    path: str
+    value: Any
+    expected: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: got {short_repr(self.value)}, expected {self.expected}"
+
+
+def yaml_path(raw: Any, loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as the user wrote it: a list index only where the YAML has a list."""
+    parts, node = [], raw
+    for part in loc:
+        if isinstance(part, int):
+            if isinstance(node, list):
+                parts.append(f"[{part}]")
+                node = node[part] if part < len(node) else None
+            continue  # a single entry that the schema wrapped in a list
+        parts.append(("." if parts else "") + str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return "".join(parts) or "<top level>"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema model that holds the key at ``loc`` (for listing its known keys)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        found = _find_model(field.annotation) if field is not None else None
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _find_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+_EXPECTED = {
+    "string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "finite_number": "a finite number", "dict_type": "a mapping", "list_type": "a list",
+    "model_type": "a name or a mapping with 'name' (and optional 'params')",
+    "missing": "this key to be present",
+}
+
+
+def _expected(error: dict[str, Any], schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        holder = _model_at(schema, loc[:-1])
+        known = ", ".join(holder.model_fields) if holder is not None else ""
+        return "no such key" + (f"; known keys: {known}" if known else "")
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    if kind in _EXPECTED and not error.get("ctx"):
+        return _EXPECTED[kind]
+    return error["msg"][0].lower() + error["msg"][1:]
+
+
+def issues_of(exc: ValidationError, raw: Any, schema: type[BaseModel]) -> list[Issue]:
+    """Every error of a pydantic ValidationError of ``raw`` against ``schema``, as an Issue."""
+    found = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        path = yaml_path(raw, loc)
+        value = error.get("input") if error["type"] != "missing" else None
+        found.append(Issue(path, value, _expected(error, schema, loc)))
+    return found
+
+
+@functools.cache
+def params_model(factory: Callable[..., Any], exclude: frozenset[str] = frozenset()) -> type[BaseModel]:
+    """The pydantic model of a factory's keyword parameters, from its signature (names, types, defaults)."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = typing.get_type_hints(target)
+    fields: dict[str, Any] = {}
+    for param in inspect.signature(target).parameters.values():
+        if param.name in ("self", *exclude) or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (hints.get(param.name, Any), default)
+    name = getattr(factory, "__name__", "factory")
+    return create_model(f"{name}_params", __config__=_CONFIG, **fields)
