@@ -1,7 +1,7 @@
 """``leakbench report RESULTS_DIR``: one self-contained HTML page (figures embedded as data URIs, no external
 resources) with the tables, the figures, each cell's status and each run's provenance, written beside the
-store with ``table.tex`` and the figures as PNG and PDF. It opens the store read-only and shows its current rows (those
-the installed code would compute again the same), saying how many stale ones it holds."""
+store with ``table.tex`` and the figures as PNG and PDF. It opens the store read-only and shows its current rows
+(those the installed code would compute again the same), saying how many stale ones it holds."""
 from __future__ import annotations
 
 import base64

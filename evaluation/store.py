@@ -60,7 +60,7 @@ SCHEMA_VERSION = 1
 _IO_CODES = {3, 5, 6, 8, 10, 11, 13, 14, 26}  # PERM BUSY LOCKED READONLY IOERR CORRUPT FULL CANTOPEN NOTADB
 
 
-class StoreVersionError(RuntimeError):
+class StoreVersionError(Exception):
     """A store of a layout this code does not know (written by a newer leakbench, or not a leakbench store)."""
 
 
@@ -147,17 +147,26 @@ class ResultStore:
     def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
-        if read_only:
-            if not self.path.is_file():
-                raise FileNotFoundError(2, "no result store there (run `leakbench run` first)", str(self.path))
-            self.connection = self._open_read_only()
-            self.version = self._check_version(writable=False)
-            return
-        with self._writing():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.connection = sqlite3.connect(self.path, timeout=30)
-            self.connection.execute("PRAGMA journal_mode=WAL")
-            self.version = self._check_version(writable=True)
+        if read_only and not self.path.is_file():
+            raise FileNotFoundError(2, "no result store there (run `leakbench run` first)", str(self.path))
+        self.connection: sqlite3.Connection | None = None
+        try:
+            if read_only:
+                self.connection = self._open_read_only()
+                self.version = self._check_version(writable=False)
+                return
+            with self._writing():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.connection = sqlite3.connect(self.path, timeout=30)
+                self._check_version(writable=False)  # refuse a foreign store before changing anything in it
+                self.connection.execute("PRAGMA journal_mode=WAL")
+                self.version = self._check_version(writable=True)
+        except BaseException as exc:
+            if self.connection is not None:
+                self.connection.close()
+            if isinstance(exc, sqlite3.DatabaseError) and (getattr(exc, "sqlite_errorcode", None) or 0) == 26:
+                raise StoreVersionError(f"{self.path} is not a result store: {exc}") from None  # SQLITE_NOTADB
+            raise
 
     def _open_read_only(self) -> sqlite3.Connection:
         """``mode=ro``; in a folder where SQLite cannot make the WAL's index, as immutable (nobody writes it)."""
@@ -181,7 +190,7 @@ class ResultStore:
                 f"{self.path} is not a result store this leakbench can read ({what}; it reads versions 0 to "
                 f"{SCHEMA_VERSION}): " + ("upgrade leakbench" if version > SCHEMA_VERSION else
                                           "give --out a folder of its own"))
-        if not tables and not writable:
+        if not tables and self.read_only:
             raise StoreVersionError(f"{self.path} holds no tables: not a result store (run `leakbench run` first)")
         if not writable or version == SCHEMA_VERSION:
             return version
@@ -201,7 +210,7 @@ class ResultStore:
         except OSError as exc:
             raise write_failure(self.path, exc) from exc
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _IO_CODES:
+            if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in _IO_CODES - {26}:
                 raise
             raise write_failure(self.path, exc) from exc
 
@@ -325,6 +334,8 @@ class ResultStore:
         for name, sql_type in self.connection.execute("SELECT name, type FROM pragma_table_info('cells')"):
             if sql_type == "REAL":  # an all-NULL column (e.g. no CI for too few images) reads back as objects
                 frame[name] = pd.to_numeric(frame[name], errors="coerce")
+        if "code_fingerprint" not in frame:  # a version-0 store read without migrating it
+            frame["code_fingerprint"] = None
         frame = mark_current(frame)
         if keys is not None:
             order = {k: i for i, k in enumerate(keys)}

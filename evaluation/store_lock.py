@@ -15,7 +15,7 @@ from splitnn.faults import writing
 LOCK_NAME = ".leakbench.lock"
 
 
-class StoreBusy(RuntimeError):
+class StoreBusy(Exception):
     """Another live process holds the folder's lock."""
 
     def __init__(self, folder: Path, pid: int | None, since: float | None):
