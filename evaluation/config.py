@@ -97,25 +97,25 @@ class ExperimentConfig:
         self.source = source
         if not isinstance(raw, dict):
             raise ConfigError("<top level>", raw, "a mapping of config keys")
-        try:
-            parsed = schema.Experiment.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError.of(schema.issues_of(exc, raw, schema.Experiment)) from None
+        parsed, self._issues = schema.parse(raw)
         self.raw = copy.deepcopy(raw)
-        self.name = parsed.name or _safe_name(Path(source).stem)
+        self.name = parsed.get("name") or _safe_name(Path(source).stem)
         self.notes: list[str] = []
-        self.seeds = self._unique(parsed.seed, "seed")
-        self.cuts = self._unique(parsed.cut, "cut")
-        self._issues: list[Issue] = []
-        self.datasets = [self._dataset(entry, self._key(raw, "dataset", i)) for i, entry in enumerate(parsed.dataset)]
-        self.train = parsed.train.model_dump(exclude_none=True)
-        self.evaluation = parsed.evaluation.model_dump()
-        self._check_lpips(raw)
+        self.seeds = self._unique(parsed.get("seed", []), "seed")
+        self.cuts = self._unique(parsed.get("cut", []), "cut")
+        self.datasets = [self._dataset(entry, self._key(raw, "dataset", i))
+                         for i, entry in enumerate(parsed.get("dataset", []))]
+        self.train = parsed["train"].model_dump(exclude_none=True) if "train" in parsed else {}
+        self.evaluation = parsed["evaluation"].model_dump() if "evaluation" in parsed else {}
+        if self.evaluation:
+            self._check_lpips()
         shapes = sorted({(d["info"].num_classes, d["info"].in_channels) for d in self.datasets if d})
         self._meta_models: list[dict[tuple[int, int], Any]] = []  # per model entry: (classes, channels) -> model
-        self.models = [self._model(entry, self._key(raw, "model", i), shapes) for i, entry in enumerate(parsed.model)]
-        self.defenses = self._entries(parsed.defenses, raw, "defenses", defenses.get, exclude=frozenset({"seed"}))
-        self.attacks = self._entries(parsed.attacks, raw, "attacks", attacks.get)
+        self.models = [self._model(entry, self._key(raw, "model", i), shapes)
+                       for i, entry in enumerate(parsed.get("model", []))]
+        self.defenses = self._entries(parsed.get("defenses", []), raw, "defenses", defenses.get,
+                                      exclude=frozenset({"seed"}))
+        self.attacks = self._entries(parsed.get("attacks", []), raw, "attacks", attacks.get)
         if self._issues:
             raise ConfigError.of(self._issues)
         self._infos = [d.pop("info") for d in self.datasets]
@@ -177,7 +177,7 @@ class ExperimentConfig:
         info = self._build(datasets.describe, entry.name, entry.params, key)  # checks without loading
         return None if info is None else {"name": entry.name, "params": dict(info.params), "info": info}
 
-    def _check_lpips(self, raw: dict[str, Any]) -> None:
+    def _check_lpips(self) -> None:
         """LPIPS weights are loaded once now, so a wrong file fails before any work."""
         from evaluation.perceptual import LPIPS
 
@@ -200,8 +200,7 @@ class ExperimentConfig:
         resolved = {"name": entry.name, "params": dict(entry.params), "train": train}
         train_key = f"{key}.train" if own_train else "train"
         try:
-            config = TrainConfig(model=entry.name, dataset=self.datasets[0]["name"] if self.datasets[0] else "",
-                                 **train)
+            config = TrainConfig(model=entry.name, dataset="", **train)
             resolved["train"] = {k: getattr(config, k) for k in sorted(TRAIN_KEYS)}
         except ParameterError as exc:
             self._issue(f"{train_key}.{exc.key}", exc.value, exc.expected)

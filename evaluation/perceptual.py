@@ -27,7 +27,13 @@ def _backbone_features(net: str, weights: Path) -> nn.Sequential:
     import torchvision
 
     model = getattr(torchvision.models, BACKBONES[net])(weights=None)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ParameterError("lpips_weights", str(weights), f"a readable file ({exc.strerror or exc})") from None
+    except Exception as exc:  # torch raises several kinds (UnpicklingError, RuntimeError) for a file it can't read
+        raise ParameterError("lpips_weights", str(weights),
+                             f"a torchvision state dict saved by torch.save ({type(exc).__name__})") from None
     if not isinstance(state, dict):
         raise ParameterError("lpips_weights", str(weights), "a torchvision state dict (a mapping of tensors)")
     features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}

@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError,
-                      create_model)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter,
+                      ValidationError, create_model)
 
 from evaluation.perceptual import BACKBONES
 from splitnn.errors import short_repr
@@ -126,6 +126,28 @@ class Experiment(_Strict):
     evaluation: Annotated[Evaluation, BeforeValidator(_empty_mapping)] = Evaluation()
 
 
+def parse(raw: dict[str, Any]) -> tuple[dict[str, Any], list["Issue"]]:
+    """The config's sections, validated: ``(section -> value, issues)``. A section with an error is left out,
+    and the others are still validated, so that later checks can report their problems in the same message."""
+    try:
+        return dict(Experiment.model_validate(raw)), []
+    except ValidationError as exc:
+        issues = issues_of(exc, raw, Experiment)
+        failed = {error["loc"][0] for error in exc.errors() if error["loc"]}
+    parsed = {}
+    for name, field in Experiment.model_fields.items():
+        if name in failed:
+            continue
+        if name not in raw:
+            parsed[name] = field.get_default(call_default_factory=True)
+            continue
+        kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        # a model carries its own config; pydantic refuses a second one for it
+        adapter = TypeAdapter(kind) if _find_model(field.annotation) else TypeAdapter(kind, config=_CONFIG)
+        parsed[name] = adapter.validate_python(raw[name])
+    return parsed, issues
+
+
 @dataclass(frozen=True)
 class Issue:
     """One error: the YAML path, the value found (shortened) and what was expected."""
@@ -142,7 +164,9 @@ def yaml_path(raw: Any, loc: tuple[Any, ...]) -> str:
     """A pydantic error location as the user wrote it: a list index only where the YAML has a list."""
     parts, node = [], raw
     for part in loc:
-        if isinstance(part, int):
+        if part == "[key]":  # pydantic's marker for an error in a mapping's key rather than its value
+            continue
+        if isinstance(part, int) and not (isinstance(node, dict) and part in node):
             if isinstance(node, list):
                 parts.append(f"[{part}]")
                 node = node[part] if part < len(node) else None
@@ -178,22 +202,36 @@ def _find_model(annotation: Any) -> type[BaseModel] | None:
 _EXPECTED = {
     "string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
     "finite_number": "a finite number", "dict_type": "a mapping", "list_type": "a list",
-    "model_type": "a name or a mapping with 'name' (and optional 'params')",
-    "missing": "this key to be present",
+    "missing": "this key to be present", "string_pattern_mismatch": "a name of letters, digits, '.', '_' and '-' "
+                                                                    "that starts with a letter or digit",
 }
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+_ENTRIES = {"Entry", "ZippedEntry", "ModelEntry"}
 
 
 def _expected(error: dict[str, Any], schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    kind = error["type"]
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if "[key]" in loc:
+        return "a string as the key (names are strings)"
     if kind == "extra_forbidden":
         holder = _model_at(schema, loc[:-1])
         known = ", ".join(holder.model_fields) if holder is not None else ""
         return "no such key" + (f"; known keys: {known}" if known else "")
+    if kind == "model_type":
+        return ("a name or a mapping with 'name' (and optional 'params')" if ctx.get("class_name") in _ENTRIES
+                else "a mapping")
+    if kind in _BOUNDS:
+        return f"a value {_BOUNDS[kind]} {next(iter(ctx.values()))}"
+    if kind == "too_long":
+        return f"at most {ctx['max_length']} items"
+    if kind == "too_short":
+        return f"at least {ctx['min_length']} item" + ("s" if ctx["min_length"] != 1 else "")
     if kind == "value_error":
         return error["msg"].removeprefix("Value error, ")
-    if kind in _EXPECTED and not error.get("ctx"):
+    if kind in _EXPECTED:
         return _EXPECTED[kind]
-    return error["msg"][0].lower() + error["msg"][1:]
+    message = error["msg"].removeprefix("Input should be ")
+    return message[0].lower() + message[1:]
 
 
 def issues_of(exc: ValidationError, raw: Any, schema: type[BaseModel]) -> list[Issue]:
