@@ -12,10 +12,9 @@ Schema:
 - ``images(cell_key, image_index, <metric>...)``: per-image metrics of a done cell.
 - ``reconstructions(cell_key, images)``: the reconstructed images (a compressed float16 array).
 Metric and extra columns are added when they first appear, so they need no migration. The layout has a version
-(``PRAGMA user_version``, ``SCHEMA_VERSION``): a store of version 0 (written before versions, maybe before
-``code_fingerprint``) is migrated on a writable open, its rows then stale; a newer or unknown one is refused
-(``StoreVersionError``). ``read_only=True`` (report, export) opens with ``mode=ro``: it never creates, migrates
-or changes a store. A failed write (e.g. a full disk) raises ``WriteFailure`` naming the store.
+(``evaluation.store_schema``): an older store is migrated on a writable open, a newer or foreign one refused.
+``read_only=True`` (report, export) opens with ``mode=ro``: it never creates, migrates or changes a store. A
+failed write (e.g. a full disk) raises ``WriteFailure`` naming the store.
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ import io
 import json
 import sqlite3
 import time
-import urllib.parse
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,42 +33,12 @@ import torch
 
 import attacks
 import defenses
+from evaluation.store_schema import (IO_CODES, SCHEMA_VERSION, SQLITE_NOTADB, StoreVersionError, add_columns,
+                                     columns, error_code, migrate, needs_migration, open_read_only, stored_version)
 from splitnn.faults import write_failure
 from splitnn.fingerprint import code_fingerprint
 
 IDENTITY_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params", "attack", "attack_params", "seed"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, config_json TEXT, provenance_json TEXT);
-CREATE TABLE IF NOT EXISTS cells (
-    cell_key TEXT PRIMARY KEY, run_id TEXT, status TEXT NOT NULL, reason TEXT,
-    dataset TEXT, model TEXT, cut TEXT, defense TEXT, defense_params TEXT, attack TEXT, attack_params TEXT,
-    seed INTEGER, accuracy REAL, guarantee_json TEXT, diagnostics_json TEXT, wall_time_s REAL,
-    peak_rss_mb REAL, config_json TEXT, finished_at REAL);
-CREATE TABLE IF NOT EXISTS images (
-    cell_key TEXT NOT NULL, image_index INTEGER NOT NULL, PRIMARY KEY (cell_key, image_index));
-CREATE TABLE IF NOT EXISTS reconstructions (cell_key TEXT PRIMARY KEY, images BLOB);
-"""
-
-#: The store layout this code writes; ``MIGRATIONS[v]`` takes a store from version v to v + 1.
-SCHEMA_VERSION = 1
-
-#: SQLite result codes (primary, the low byte) that mean the file could not be written or opened, not a bug.
-_IO_CODES = {3, 5, 6, 8, 10, 11, 13, 14, 26}  # PERM BUSY LOCKED READONLY IOERR CORRUPT FULL CANTOPEN NOTADB
-
-
-class StoreVersionError(Exception):
-    """A store of a layout this code does not know (written by a newer leakbench, or not a leakbench store)."""
-
-
-def _migrate_0(store: "ResultStore") -> None:
-    """Version 0 (before versions): the tables as they were, maybe without ``code_fingerprint``."""
-    store._ensure_columns("cells", {"code_fingerprint": "TEXT"})
-
-
-MIGRATIONS = {0: _migrate_0}
-
 
 #: The modules that compute a row besides its attack's and defense's: editing one makes every row stale.
 ROW_MODULES = ("evaluation.runner", "evaluation.metrics", "evaluation.evaluators", "evaluation.eval_classifier",
@@ -152,55 +120,24 @@ class ResultStore:
         self.connection: sqlite3.Connection | None = None
         try:
             if read_only:
-                self.connection = self._open_read_only()
-                self.version = self._check_version(writable=False)
+                self.connection = open_read_only(self.path)
+                self.version = stored_version(self.connection, self.path, empty_ok=False)
                 return
             with self._writing():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.connection = sqlite3.connect(self.path, timeout=30)
-                self._check_version(writable=False)  # refuse a foreign store before changing anything in it
+                version = stored_version(self.connection, self.path, empty_ok=True)  # before changing anything
                 self.connection.execute("PRAGMA journal_mode=WAL")
-                self.version = self._check_version(writable=True)
+                if needs_migration(self.connection, version):
+                    with self.transaction():  # a killed migration leaves the old version intact
+                        migrate(self.connection, stored_version(self.connection, self.path, empty_ok=True))
+                self.version = SCHEMA_VERSION
         except BaseException as exc:
             if self.connection is not None:
                 self.connection.close()
-            if isinstance(exc, sqlite3.DatabaseError) and (getattr(exc, "sqlite_errorcode", None) or 0) == 26:
-                raise StoreVersionError(f"{self.path} is not a result store: {exc}") from None  # SQLITE_NOTADB
+            if isinstance(exc, sqlite3.DatabaseError) and error_code(exc) == SQLITE_NOTADB:
+                raise StoreVersionError(f"{self.path} is not a result store: {exc}") from None
             raise
-
-    def _open_read_only(self) -> sqlite3.Connection:
-        """``mode=ro``; in a folder where SQLite cannot make the WAL's index, as immutable (nobody writes it)."""
-        uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
-        try:
-            connection = sqlite3.connect(uri, uri=True)
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            return connection
-        except sqlite3.OperationalError:
-            connection = sqlite3.connect(uri + "&immutable=1", uri=True)
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            return connection
-
-    def _check_version(self, writable: bool) -> int:
-        """The store's layout version after migrating it (when ``writable``); refuses newer or unknown ones."""
-        version = self.connection.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if version > SCHEMA_VERSION or version < 0 or (tables and "cells" not in tables):
-            what = f"layout version {version}" if "cells" in tables else "no cells table"
-            raise StoreVersionError(
-                f"{self.path} is not a result store this leakbench can read ({what}; it reads versions 0 to "
-                f"{SCHEMA_VERSION}): " + ("upgrade leakbench" if version > SCHEMA_VERSION else
-                                          "give --out a folder of its own"))
-        if not tables and self.read_only:
-            raise StoreVersionError(f"{self.path} holds no tables: not a result store (run `leakbench run` first)")
-        if not writable or version == SCHEMA_VERSION:
-            return version
-        with self.transaction():  # one transaction: a killed migration leaves the old version intact
-            for statement in filter(str.strip, _SCHEMA.split(";")):  # version 0's tables (a fresh store)
-                self.connection.execute(statement)
-            for step in range(version, SCHEMA_VERSION):
-                MIGRATIONS[step](self)
-            self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        return SCHEMA_VERSION
 
     @contextmanager
     def _writing(self):
@@ -210,7 +147,7 @@ class ResultStore:
         except OSError as exc:
             raise write_failure(self.path, exc) from exc
         except sqlite3.DatabaseError as exc:
-            if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in _IO_CODES - {26}:
+            if error_code(exc) not in IO_CODES:
                 raise
             raise write_failure(self.path, exc) from exc
 
@@ -240,17 +177,11 @@ class ResultStore:
 
     # -- schema growth ------------------------------------------------------------------------
     def _columns(self, table: str) -> set[str]:
-        return {row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")}
+        return columns(self.connection, table)
 
     def _ensure_columns(self, table: str, names: Iterable[str] | dict[str, str]) -> None:
         """Add the missing columns, REAL unless ``names`` maps a name to its SQL type."""
-        types = names if isinstance(names, dict) else dict.fromkeys(names, "REAL")
-        existing = self._columns(table)
-        for name, sql_type in types.items():
-            if name not in existing:
-                if not (name.isascii() and name.isidentifier()):
-                    raise ValueError(f"bad column name {name!r}: expected a Python identifier")
-                self.connection.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql_type}')
+        add_columns(self.connection, table, names)
 
     # -- runs -----------------------------------------------------------------------------------
     def start_run(self, config: Any, provenance: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 limit, /dev/full), kills and exceptions at every statement of a cell's store write, corrupt checkpoints and
 caches, an unwritable --out, two writers on one folder, stores of other layouts, NaN and perfect
 reconstructions. After each fault the store holds every cell that finished before it, exactly once."""
+import contextlib
 import io
 import json
 import math
@@ -662,3 +663,52 @@ def test_a_failed_training_on_dask_fails_that_models_cells_and_the_run_goes_on(t
     assert list(failed.cell_key) == [cells[1].key]
     assert failed.reason.iloc[0].startswith("training its model on a Dask worker failed: RuntimeError: injected")
     assert list(checkpoint.parent.glob(f"{checkpoint.name}.corrupt-*"))
+
+
+# -- two writers on one store file --------------------------------------------------------------------------------
+def _race(path: Path) -> list[Exception]:
+    """Writer 1 adds a column inside its transaction and holds it for half a second; writer 2 meanwhile
+    writes a cell that needs the same new column. Returns writer 2's errors."""
+    errors, stored = [], []
+    with ResultStore(path) as first:
+        run_id = first.start_run({}, {})
+        inside = threading.Event()
+
+        def other():  # its own connection, on its own thread
+            with ResultStore(path) as second:
+                inside.wait(10)
+                _guard(errors, lambda: second.write_cell("two", run_id, _cell_config("two"), "done",
+                                                         extra={"budget_x": 2.0}))
+                if not errors:
+                    stored.extend(second.cells().budget_x)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        with first.transaction():
+            first._ensure_columns("cells", {"budget_x": "REAL"})
+            inside.set()
+            time.sleep(0.5)
+        thread.join(20)
+    assert errors or stored == [2.0]
+    return errors
+
+
+def test_a_column_added_by_another_writer_meanwhile_does_not_abort_a_write(tmp_path, monkeypatch):
+    """Each write reads the columns inside its own write transaction (BEGIN IMMEDIATE). The coupling injected
+    (a deferred BEGIN: columns read from a snapshot, then written) makes the second writer fail."""
+    assert _race(tmp_path / "immediate.sqlite") == []
+
+    @contextlib.contextmanager
+    def deferred_transaction(self):
+        with self._writing():
+            self.connection.execute("BEGIN DEFERRED")
+            try:
+                yield
+                self.connection.commit()
+            except BaseException:
+                self.connection.rollback()
+                raise
+
+    monkeypatch.setattr(ResultStore, "transaction", deferred_transaction)
+    errors = _race(tmp_path / "deferred.sqlite")
+    assert len(errors) == 1 and isinstance(errors[0], (WriteFailure, sqlite3.OperationalError))
