@@ -137,6 +137,8 @@ class ResultStore:
                 self.connection.close()
             if isinstance(exc, sqlite3.DatabaseError) and error_code(exc) == SQLITE_NOTADB:
                 raise StoreVersionError(f"{self.path} is not a result store: {exc}") from None
+            if read_only and isinstance(exc, sqlite3.Error):  # printed as "cannot read PATH: reason"
+                raise OSError(0, str(exc), str(self.path)) from exc
             raise
 
     @contextmanager

@@ -712,3 +712,38 @@ def test_a_column_added_by_another_writer_meanwhile_does_not_abort_a_write(tmp_p
     monkeypatch.setattr(ResultStore, "transaction", deferred_transaction)
     errors = _race(tmp_path / "deferred.sqlite")
     assert len(errors) == 1 and isinstance(errors[0], (WriteFailure, sqlite3.OperationalError))
+
+
+# -- report and export: write errors ------------------------------------------------------------------------------
+def _hand_written_store(folder: Path) -> Path:
+    """A store with one current done cell (rMLE, undefended), written without running anything."""
+    from evaluation.store import row_fingerprint
+
+    config = _cell_config("one")
+    with ResultStore(folder / "results.sqlite") as store:
+        store.write_cell("one", store.start_run({}, {}), config, "done", accuracy=0.5,
+                         summary={"psnr": (20.0, 19.0, 21.0)}, per_image={"psnr": [20.0, 20.0]},
+                         code_fingerprint=row_fingerprint(config))
+    return folder / "results.sqlite"
+
+
+def test_report_and_export_write_errors_say_cannot_write_the_file(tmp_path, capsys):
+    _hand_written_store(tmp_path)
+    (tmp_path / "report.html").symlink_to("/dev/full")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'report.html'}: No space left on device" in err and "Traceback" not in err
+    (tmp_path / "rows.csv").symlink_to("/dev/full")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "rows")]) == 2
+    assert f"cannot write {tmp_path / 'rows.csv'}: No space left on device" in capsys.readouterr().err
+
+
+def test_a_store_that_is_no_database_is_refused_by_every_command(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.sqlite").write_text("a text file where the store belongs\n" * 50)
+    for command in (["run", str(config), "--out", str(out), "--quiet"], ["report", str(out)], ["export", str(out)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'results.sqlite'} is not a result store: file is not a database" in err
+        assert "Traceback" not in err

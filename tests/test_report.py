@@ -96,6 +96,21 @@ def test_figures_are_valid_png_and_pdf(frame, tmp_path):
     assert figures.peel_depth_profile(frame[frame.attack == "rmle"], tmp_path / "none") == []
 
 
+def test_infinite_psnr_with_null_cis_goes_through_every_table_and_figure(frame, tmp_path):
+    """A perfect reconstruction has PSNR +inf and no CI (the bootstrap of infinite values is undefined)."""
+    from evaluation.outputs import write_figures
+    from evaluation.tables import compact_summary, matrix_html, to_markdown
+
+    perfect = frame.copy()
+    perfect.loc[perfect.attack == "peel", ["psnr", "psnr_ci_low", "psnr_ci_high"]] = [float("inf"), None, None]
+    assert "inf" in to_markdown(perfect) and "no CI" in to_markdown(perfect)
+    assert "inf" in matrix_markdown(perfect) and "inf" in matrix_latex(perfect) and "inf" in matrix_html(perfect)
+    assert compact_summary(perfect).count("inf no CI") == 4  # the four PEEL cells
+    made = write_figures(perfect, tmp_path)
+    assert {"privacy_utility_psnr", "heatmap_psnr"} <= set(made)
+    assert all(_is_png(paths[0]) for paths in made.values())
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny run with one done, one failed and two not-applicable cells, then `leakbench report` on it."""
