@@ -47,7 +47,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     matrix = Matrix(config, cache_dir=args.cache_dir, progress=not args.quiet)
     matrix.forced(args.recompute)  # an unknown --recompute name fails before any work
     executor = from_option(args.dask, args.workers)
-    waiting = lambda busy: print(f"leakbench: {busy}; waiting (--wait)", file=sys.stderr, flush=True)  # noqa: E731
+    waiting = lambda busy: print(f"leakbench: {busy}; waiting for it to finish (--wait)",  # noqa: E731
+                                 file=sys.stderr, flush=True)
     with RunLock(out, wait=args.wait, on_wait=waiting), ResultStore(out / "results.sqlite") as store:
         summary = matrix.run(store, executor, recompute=args.recompute)
         outputs = write_outputs(store, matrix, out)
@@ -180,12 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     except ParameterError as exc:
         print(f"leakbench: config error in {getattr(args, 'config', '<arguments>')}: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except (StoreBusy, StoreVersionError) as exc:
+    except StoreBusy as exc:
+        print(f"leakbench: {exc}: wait for it to finish, or rerun with --wait to start when it does",
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except StoreVersionError as exc:
         print(f"leakbench: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except WriteFailure as exc:  # the finished cells are in the store already: a rerun skips them
-        print(f"leakbench: cannot write {exc.filename}: {exc.strerror}; the cells finished before are kept in "
-              f"the store, and a rerun resumes after them", file=sys.stderr)
+    except WriteFailure as exc:  # during a run, the finished cells are in the store already: a rerun skips them
+        kept = "; the cells finished before are kept in the store, and a rerun resumes after them" \
+            if args.command == "run" else ""
+        print(f"leakbench: cannot write {exc.filename}: {exc.strerror}{kept}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except OSError as exc:
         where = getattr(exc, "filename", "") or getattr(args, "config", "")

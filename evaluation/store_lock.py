@@ -23,8 +23,7 @@ class StoreBusy(Exception):
         who = f"process {pid}" if pid else "another process"
         when = datetime.datetime.fromtimestamp(since, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") \
             if since else "an unknown time"
-        super().__init__(f"{folder} is being written by {who} since {when}: wait for it to finish, or rerun "
-                         f"with --wait to start when it does")
+        super().__init__(f"{folder} is being written by {who} since {when}")
 
 
 def holder(path: Path) -> tuple[int | None, float | None]:
