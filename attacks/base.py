@@ -4,10 +4,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
+
+from splitnn.params import Declared
 
 
 class Knowledge(str, Enum):
@@ -73,15 +76,17 @@ def budget(seconds: float, iterations: torch.Tensor | None = None, evaluations: 
             "blockwise_evaluations": mean(blockwise), "seconds": float(seconds)}
 
 
-class Attack:
-    """A reconstruction attack on the features sent at the cut."""
+#: A cap on end-to-end evaluations per sample, and the precision a white-box attack solves in.
+Evaluations = Annotated[int, Field(ge=1, le=10 ** 7)]
+Dtype = Literal["float32", "float64"]
+
+
+class Attack(Declared):
+    """A reconstruction attack on the features sent at the cut. Its parameters are declared once, in the
+    constructor's annotated signature (``splitnn.params``), and ``params`` lists them."""
 
     name: ClassVar[str] = "attack"
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset()
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {}
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         """Whether this attack makes sense against ``client`` behind ``defense``, and if not, why."""

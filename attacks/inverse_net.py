@@ -13,7 +13,7 @@ from torch import nn
 from attacks.base import Attack, Knowledge, Reconstruction, budget, require_context, require_image_shape
 from attacks.cache import cached_module
 from attacks.registry import register
-from splitnn.errors import check_number
+from splitnn.params import Count, Positive, PositiveCount, Seed
 
 
 class Decoder(nn.Module):
@@ -60,17 +60,9 @@ class InverseNet(Attack):
 
     knowledge = frozenset({Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS})
 
-    def __init__(self, hidden: int = 64, epochs: int = 15, lr: float = 5e-3, batch_size: int = 32, seed: int = 0):
-        self.hidden = check_number("hidden", hidden, low=1, integer=True)
-        self.epochs = check_number("epochs", epochs, low=0, integer=True)
-        self.lr = float(check_number("lr", lr, low=0, low_open=True))
-        self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
-        self.seed = check_number("seed", seed, low=0, integer=True)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"hidden": self.hidden, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                "seed": self.seed}
+    def __init__(self, hidden: PositiveCount = 64, epochs: Count = 15, lr: Positive = 5e-3,
+                 batch_size: PositiveCount = 32, seed: Seed = 0):
+        self.hidden, self.epochs, self.lr, self.batch_size, self.seed = hidden, epochs, lr, batch_size, seed
 
     def train_decoder(self, decoder: Decoder, images: torch.Tensor,
                       query: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:

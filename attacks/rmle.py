@@ -4,18 +4,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, budget, require_image_shape
+from attacks.base import Attack, Dtype, Evaluations, Knowledge, Reconstruction, budget, require_image_shape
 from attacks.optim import END_TO_END_HISTORY, fit_from_starts, relative_residual
 from attacks.peel.chain import chain, end_to_end_loss
 from attacks.peel.stages import UnsupportedLayerError, build_stages, extract_stages
 from attacks.priors import Forward, Loss, total_variation
 from attacks.registry import register
 from splitnn.errors import ParameterError, check_choice, check_number
+from splitnn.params import Seconds
 
 START_KINDS = ("grey", "zeros", "uniform")
 MAX_STARTS = 64
@@ -68,25 +70,17 @@ class RMLE(Attack):
 
     knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
 
-    def __init__(self, iterations: int = 500, tv_weight: float = 0.03, starts: Any = ("grey",), loss: str = "plain",
-                 max_evaluations: int | None = None, max_seconds: float | None = None, seed: int = 0,
-                 dtype: str = "float64"):
-        self.iterations = check_number("iterations", iterations, low=1, high=10 ** 6, integer=True)
-        self.tv_weight = float(check_number("tv_weight", tv_weight, low=0, high=1e6))
-        self.starts = _normalise_starts(starts)
-        self.loss = check_choice("loss", loss, ("plain", "relu_consistency"))
-        self.max_evaluations = None if max_evaluations is None else check_number(
-            "max_evaluations", max_evaluations, low=len(self.starts), high=10 ** 7, integer=True)
-        self.max_seconds = None if max_seconds is None else float(check_number(
-            "max_seconds", max_seconds, low=0, high=86400, low_open=True))
-        self.seed = check_number("seed", seed, low=0, high=2 ** 31 - 1, integer=True)
-        self.dtype = check_choice("dtype", dtype, ("float32", "float64"))
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "tv_weight": self.tv_weight, "starts": list(self.starts),
-                "loss": self.loss, "max_evaluations": self.max_evaluations, "max_seconds": self.max_seconds,
-                "seed": self.seed, "dtype": self.dtype}
+    def __init__(self, iterations: Annotated[int, Field(ge=1, le=10 ** 6)] = 500,
+                 tv_weight: Annotated[float, Field(ge=0, le=1e6)] = 0.03, starts: Any = ("grey",),
+                 loss: Literal["plain", "relu_consistency"] = "plain", max_evaluations: Evaluations | None = None,
+                 max_seconds: Seconds | None = None, seed: Annotated[int, Field(ge=0, le=2 ** 31 - 1)] = 0,
+                 dtype: Dtype = "float64"):
+        self.iterations, self.tv_weight, self.loss, self.seed, self.dtype = iterations, tv_weight, loss, seed, dtype
+        self.starts = _normalise_starts(starts)  # a count or a list: one parameter, two spellings
+        if max_evaluations is not None and max_evaluations < len(self.starts):
+            raise ParameterError("max_evaluations", max_evaluations,
+                                 f"at least one evaluation per start ({len(self.starts)})")
+        self.max_evaluations, self.max_seconds = max_evaluations, max_seconds
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         if self.loss == "relu_consistency":  # needs the client's last ReLU, which PEEL's stages expose

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from attacks.cache import cached_module
 from attacks.peel import PEEL
 from attacks.registry import register
 from attacks.rmle import RMLE
-from splitnn.errors import check_choice, check_number
+from splitnn.params import Count, NonNegative, Positive, PositiveCount, Seed
 from splitnn.training import fit
 
 
@@ -83,20 +83,11 @@ class Shadow(Attack):
 
     knowledge = frozenset({Knowledge.SERVER_WEIGHTS, Knowledge.AUXILIARY_DATA})
 
-    def __init__(self, inverter: str = "rmle", epochs: int = 10, lr: float = 0.05, batch_size: int = 64,
-                 iterations: int = 300, tv_weight: float = 0.0, seed: int = 0):
-        self.inverter = check_choice("inverter", inverter, ("rmle", "peel"))
-        self.epochs = check_number("epochs", epochs, low=0, integer=True)
-        self.lr = float(check_number("lr", lr, low=0, low_open=True))
-        self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
-        self.iterations = check_number("iterations", iterations, low=1, integer=True)
-        self.tv_weight = float(check_number("tv_weight", tv_weight, low=0))
-        self.seed = check_number("seed", seed, low=0, integer=True)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"inverter": self.inverter, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                "iterations": self.iterations, "tv_weight": self.tv_weight, "seed": self.seed}
+    def __init__(self, inverter: Literal["rmle", "peel"] = "rmle", epochs: Count = 10, lr: Positive = 0.05,
+                 batch_size: PositiveCount = 64, iterations: PositiveCount = 300, tv_weight: NonNegative = 0.0,
+                 seed: Seed = 0):
+        self.inverter, self.epochs, self.lr, self.batch_size = inverter, epochs, lr, batch_size
+        self.iterations, self.tv_weight, self.seed = iterations, tv_weight, seed
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         missing = unresettable(client)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from splitnn.errors import check_number
+from splitnn.params import Declared, Seed
 
 if TYPE_CHECKING:
     from splitnn.training import TrainConfig
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 Kind = Literal["transform", "training"]
 
 
-class Defense:
+class Defense(Declared):
     """A defense declares its ``kind``:
 
     - ``"transform"``: acts on the features at the cut at inference time; ``__call__(features)``.
@@ -29,7 +29,8 @@ class Defense:
       and ``train_model(model, x, y, config, cut) -> report``; ``splitnn.train`` calls both, and
       ``restore(report)`` when the model comes from the checkpoint cache.
 
-    Randomness comes from ``seed`` alone, so a cell is reproducible.
+    Randomness comes from ``seed`` alone, so a cell is reproducible. Parameters are declared once, in the
+    constructor's annotated signature (``splitnn.params``); ``params`` lists them without the seed.
     """
 
     kind: ClassVar[Kind] = "transform"
@@ -43,17 +44,13 @@ class Defense:
     #: Attacker knowledge this defense takes away (e.g. ``{"client_weights"}`` for a client with a secret
     #: key); the runner marks cells of attacks that need any of it not applicable. Values of attacks.Knowledge.
     denies: ClassVar[frozenset[str]] = frozenset()
+    unlisted = ("seed",)
 
-    def __init__(self, seed: int = 0):
-        self.seed = check_number("seed", seed, low=0, integer=True)
+    def __init__(self, seed: Seed = 0):
+        self.seed = seed
         self._generator: torch.Generator | None = None
         #: Training defenses: what ``train_model`` reported (empty until trained or restored).
         self.report: dict[str, Any] = {}
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The public parameters that define this defense (what goes into a result row)."""
-        return {}
 
     def guarantee(self) -> dict[str, Any]:
         """A formal guarantee, e.g. ``{"epsilon": 1.0, "delta": 1e-5}``; empty when there is none."""

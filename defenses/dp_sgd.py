@@ -2,21 +2,22 @@
 baseline (the same GroupNorm architecture trained with plain SGD)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from defenses.base import Defense
 from defenses.registry import register
-from splitnn.errors import check_choice, check_number
+from splitnn.params import Positive, PositiveCount, Seed
 
 if TYPE_CHECKING:
     from splitnn.training import TrainConfig
 
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+Accountant = Literal["rdp", "prv", "gdp"]
 FIX_NOTE = "BatchNorm replaced by GroupNorm (opacus ModuleValidator.fix)"
 #: The smallest target epsilon Opacus's noise search can reach (its tolerance is 0.01).
 MIN_EPSILON = 0.01
@@ -50,20 +51,13 @@ class DPSGD(Defense):
     kind = "training"
     guarantee_type = "(epsilon, delta)-DP per training example (DP-SGD, Opacus accountant)"
 
-    def __init__(self, epsilon: float = 8.0, delta: float = 1e-5, max_grad_norm: float = 1.0,
-                 epochs: int | None = None, accountant: str = "rdp", seed: int = 0):
+    # Opacus searches the noise multiplier to a tolerance of 0.01 in epsilon: a smaller target never ends.
+    def __init__(self, epsilon: Annotated[float, Field(ge=MIN_EPSILON, le=1e6)] = 8.0,
+                 delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5, max_grad_norm: Positive = 1.0,
+                 epochs: PositiveCount | None = None, accountant: Accountant = "rdp", seed: Seed = 0):
         super().__init__(seed)
-        # Opacus searches the noise multiplier to a tolerance of 0.01 in epsilon: a smaller target never ends.
-        self.epsilon = float(check_number("epsilon", epsilon, low=MIN_EPSILON, high=1e6))
-        self.delta = float(check_number("delta", delta, low=0, high=1, low_open=True, high_open=True))
-        self.max_grad_norm = float(check_number("max_grad_norm", max_grad_norm, low=0, low_open=True))
-        self.epochs = None if epochs is None else check_number("epochs", epochs, low=1, integer=True)
-        self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
-                "epochs": self.epochs, "accountant": self.accountant}
+        self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
+        self.epochs, self.accountant = epochs, accountant
 
     def guarantee(self) -> dict[str, Any]:
         """epsilon is the accountant's (<= target) once trained; the target until then."""

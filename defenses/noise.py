@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from defenses.base import Defense
 from defenses.registry import register
 from splitnn.batch import per_sample
-from splitnn.errors import ParameterError, check_bool, check_choice, check_number
+from splitnn.errors import ParameterError
+from splitnn.params import NonNegative, Seed
 
 
 @register("none")
@@ -24,16 +26,9 @@ class NoDefense(Defense):
 class _ScaledNoise(Defense):
     """Zero-mean noise with standard deviation ``scale`` (absolute) or ``scale`` x each sample's feature RMS."""
 
-    def __init__(self, scale: float = 0.1, relative: bool = True, seed: int = 0):
+    def __init__(self, scale: NonNegative = 0.1, relative: bool = True, seed: Seed = 0):
         super().__init__(seed)
-        self.scale = float(check_number("scale", scale, low=0))
-        self.relative = check_bool("relative", relative)
-        if math.isinf(self.scale):
-            raise ParameterError("scale", scale, "a finite number >= 0")
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"scale": self.scale, "relative": self.relative}
+        self.scale, self.relative = scale, relative
 
     def sigma(self, features: torch.Tensor) -> torch.Tensor:
         """Per-sample noise standard deviation, shaped to broadcast against ``features``."""
@@ -128,21 +123,22 @@ class FeatureDP(Defense):
 
     guarantee_type = "(epsilon, delta)-DP per released feature vector (local DP of the client's input)"
 
-    def __init__(self, epsilon: float = 1.0, delta: float | None = None, clip: float = 1.0, mechanism: str = "gaussian",
-                 calibration: str = "analytic", seed: int = 0):
+    def __init__(self, epsilon: Annotated[float, Field(gt=0, allow_inf_nan=True)] = 1.0,
+                 delta: Annotated[float, Field(ge=0, lt=1)] | None = None,
+                 clip: Annotated[float, Field(gt=0, allow_inf_nan=True)] = 1.0,
+                 mechanism: Literal["gaussian", "laplace"] = "gaussian",
+                 calibration: Literal["analytic", "classic"] = "analytic", seed: Seed = 0):
         super().__init__(seed)
-        self.mechanism = check_choice("mechanism", mechanism, ("gaussian", "laplace"))
-        self.calibration = check_choice("calibration", calibration, ("analytic", "classic"))
-        self.epsilon = float(check_number("epsilon", epsilon, low=0, low_open=True))
-        self.clip = float(check_number("clip", clip, low=0, low_open=True))
+        self.mechanism, self.calibration, self.epsilon, self.clip = mechanism, calibration, epsilon, clip
+        if math.isnan(epsilon) or math.isnan(clip):
+            raise ParameterError("epsilon" if math.isnan(epsilon) else "clip", float("nan"), "a number > 0")
         if delta is None:  # the default: 1e-5 for Gaussian, 0 for Laplace
             delta = 1e-5 if self.mechanism == "gaussian" else 0.0
-        if self.mechanism == "gaussian":
-            self.delta = float(check_number("delta", delta, low=0, high=1, low_open=True, high_open=True))
-        else:
-            self.delta = float(check_number("delta", delta, low=0, high=1, high_open=True))
-            if self.delta != 0:
-                raise ParameterError("delta", delta, "0 for the Laplace mechanism (it is pure epsilon-DP)")
+        self.delta = float(delta)
+        if self.mechanism == "gaussian" and self.delta == 0:
+            raise ParameterError("delta", delta, "a number > 0 and < 1 for the Gaussian mechanism")
+        if self.mechanism == "laplace" and self.delta != 0:
+            raise ParameterError("delta", delta, "0 for the Laplace mechanism (it is pure epsilon-DP)")
         if math.isinf(self.clip) and not math.isinf(self.epsilon):
             raise ParameterError("clip", clip, "a finite bound when epsilon is finite (the noise must be calibrated "
                                                "to a bounded sensitivity)")
@@ -151,11 +147,6 @@ class FeatureDP(Defense):
             raise ParameterError("epsilon", epsilon, "<= 1 for the classic Gaussian calibration "
                                                      "(use calibration: analytic for larger epsilon)")
         self.noise_scale = self._noise_scale()
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.delta, "clip": self.clip, "mechanism": self.mechanism,
-                "calibration": self.calibration}
 
     @property
     def sensitivity(self) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 
 from defenses.base import Defense
 from defenses.registry import register
-from splitnn.errors import check_number
+from splitnn.params import NonNegative, Seed
 
 if TYPE_CHECKING:
     from splitnn.training import TrainConfig
@@ -40,13 +40,9 @@ class NoPeek(Defense):
     kind = "training"
     uses_cut = True
 
-    def __init__(self, alpha: float = 1.0, seed: int = 0):
+    def __init__(self, alpha: NonNegative = 1.0, seed: Seed = 0):
         super().__init__(seed)
-        self.alpha = float(check_number("alpha", alpha, low=0))
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha}
+        self.alpha = alpha
 
     def train_model(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: "TrainConfig",
                     cut: str | None = None, progress: bool = True) -> dict[str, Any]:

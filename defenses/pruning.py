@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from defenses.base import Defense
 from defenses.registry import register
-from splitnn.errors import check_choice, check_number
+from splitnn.params import Count, Fraction, Positive, PositiveCount, Seed
 
-SCORES = ("random", "magnitude", "conductance", "grad_x_activation")
+Score = Literal["random", "magnitude", "conductance", "grad_x_activation"]
 
 
 class _Joined(nn.Module):
@@ -43,23 +44,14 @@ class Pruning(Defense):
 
     needs_fit = True
 
-    def __init__(self, ratio: float = 0.5, score: str = "magnitude", objective: str = "loss", samples: int = 256,
-                 n_steps: int = 16, finetune_server: int = 0, finetune_lr: float = 0.01, seed: int = 0):
+    def __init__(self, ratio: Fraction = 0.5, score: Score = "magnitude", objective: Literal["loss", "logit"] = "loss",
+                 samples: PositiveCount = 256, n_steps: Annotated[int, Field(ge=2)] = 16, finetune_server: Count = 0,
+                 finetune_lr: Positive = 0.01, seed: Seed = 0):
         super().__init__(seed)
-        self.ratio = float(check_number("ratio", ratio, low=0, high=1, high_open=True))
-        self.score = check_choice("score", score, SCORES)
-        self.objective = check_choice("objective", objective, ("loss", "logit"))
-        self.samples = check_number("samples", samples, low=1, integer=True)
-        self.n_steps = check_number("n_steps", n_steps, low=2, integer=True)
-        self.finetune_server = check_number("finetune_server", finetune_server, low=0, integer=True)
-        self.finetune_lr = float(check_number("finetune_lr", finetune_lr, low=0, low_open=True))
+        self.ratio, self.score, self.objective, self.samples = ratio, score, objective, samples
+        self.n_steps, self.finetune_server, self.finetune_lr = n_steps, finetune_server, finetune_lr
         self.scores: torch.Tensor | None = None
         self.removed: list[int] | None = None
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "score": self.score, "objective": self.objective, "samples": self.samples,
-                "n_steps": self.n_steps, "finetune_server": self.finetune_server, "finetune_lr": self.finetune_lr}
 
     # ------------------------------------------------------------ scoring
 

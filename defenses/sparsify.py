@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from defenses.base import Defense
 from defenses.registry import register
-from splitnn.errors import ParameterError, check_bool, check_choice, check_number
+from splitnn.errors import ParameterError
+from splitnn.params import Fraction, Seed
 
 
 @register("quantization")
@@ -19,19 +21,12 @@ class Quantization(Defense):
     clamped to [``low``, ``high``] first. ``bits=None`` keeps full precision (strength 0).
     """
 
-    def __init__(self, bits: int | None = 8, range: str = "sample", low: float = 0.0, high: float = 1.0,
-                 seed: int = 0):
+    def __init__(self, bits: Annotated[int, Field(ge=1, le=32)] | None = 8, range: Literal["sample", "fixed"] = "sample",
+                 low: float = 0.0, high: float = 1.0, seed: Seed = 0):
         super().__init__(seed)
-        self.bits = None if bits is None else check_number("bits", bits, low=1, high=32, integer=True)
-        self.range = check_choice("range", range, ("sample", "fixed"))
-        self.low = float(check_number("low", low))
-        self.high = float(check_number("high", high))
+        self.bits, self.range, self.low, self.high = bits, range, low, high
         if self.range == "fixed" and not self.high > self.low:
             raise ParameterError("high", high, f"a number > low ({self.low}) for range 'fixed'")
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"bits": self.bits, "range": self.range, "low": self.low, "high": self.high}
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         if self.bits is None:
@@ -52,13 +47,9 @@ class TopK(Defense):
     """Keeps the ``keep`` fraction of each sample's features with the largest magnitude (at least one),
     zeroing the rest; ``keep=1`` is the identity."""
 
-    def __init__(self, keep: float = 0.1, seed: int = 0):
+    def __init__(self, keep: Annotated[float, Field(gt=0, le=1)] = 0.1, seed: Seed = 0):
         super().__init__(seed)
-        self.keep = float(check_number("keep", keep, low=0, high=1, low_open=True))
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"keep": self.keep}
+        self.keep = keep
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         flat = features.flatten(1)
@@ -75,14 +66,9 @@ class CutDropout(Defense):
     """Zeroes each feature with probability ``p`` at inference (seeded), scaling the survivors by
     1/(1-p) when ``rescale`` so the expected features are unchanged; ``p=0`` is the identity."""
 
-    def __init__(self, p: float = 0.1, rescale: bool = True, seed: int = 0):
+    def __init__(self, p: Fraction = 0.1, rescale: bool = True, seed: Seed = 0):
         super().__init__(seed)
-        self.p = float(check_number("p", p, low=0, high=1, high_open=True))
-        self.rescale = check_bool("rescale", rescale)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"p": self.p, "rescale": self.rescale}
+        self.p, self.rescale = p, rescale
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         if self.p == 0:

@@ -19,6 +19,7 @@ from evaluation.store import model_label, named, params_text
 from evaluation.yaml_loader import YAMLInputError, load_yaml
 from splitnn import datasets, zoo
 from splitnn.errors import ParameterError
+from splitnn.params import signature_model
 from splitnn.training import TrainConfig, config_hash
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class ExperimentConfig:
     def _params(self, factory: Callable[..., Any], params: dict[str, Any], key: str,
                 paths: dict[str, str] | None = None, exclude: frozenset[str] = frozenset()) -> bool:
         """Type-check ``params`` against the factory's signature; False (with the issues noted) if they fail."""
-        model = schema.params_model(factory, exclude)
+        model = signature_model(factory, exclude)
         try:
             model.model_validate(params)
         except ValidationError as exc:

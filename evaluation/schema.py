@@ -1,30 +1,29 @@
 """The experiment config's schema, in pydantic: every key typed and bounded, unknown keys refused.
 
 Two layers, both pydantic. ``Experiment`` types the structure (top level, dataset, model, train, defense and
-attack entries, evaluation). ``params_model(factory)`` types one registered thing's ``params`` from its
-signature, which is the one place a parameter's name, type and default are declared; the factory's own
-checks then bound its values. Errors come back as ``Issue``s naming the YAML path as the user wrote it
+attack entries, evaluation). ``splitnn.params.signature_model(factory)`` types one registered thing's
+``params`` from its annotated signature, the one place a parameter's name, type, bounds and default are
+declared; what relates one parameter to another, the factory checks when the config builds it once. Errors come back as ``Issue``s naming the YAML path as the user wrote it
 (``defenses[1].params.scale``, ``dataset.params.size`` for a single entry written without a list).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter,
-                      ValidationError, create_model)
+from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, TypeAdapter,
+                      ValidationError)
 
 from evaluation.perceptual import BACKBONES
 from splitnn.errors import short_repr
+from splitnn.params import STRICT, expected_of
 
 #: Bounds on the grid's own lists: far above any real experiment, far below what exhausts a machine.
 MAX_LIST = 1000
 SQLITE_INT_MAX = 2 ** 63  # seeds are stored as SQLite INTEGERs
 
-_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+_CONFIG = STRICT
 
 
 class _Strict(BaseModel):
@@ -199,39 +198,21 @@ def _find_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-_EXPECTED = {
-    "string_type": "a string", "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-    "finite_number": "a finite number", "dict_type": "a mapping", "list_type": "a list",
-    "missing": "this key to be present", "string_pattern_mismatch": "a name of letters, digits, '.', '_' and '-' "
-                                                                    "that starts with a letter or digit",
-}
-_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 _ENTRIES = {"Entry", "ZippedEntry", "ModelEntry"}
 
 
 def _expected(error: dict[str, Any], schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
-    if "[key]" in loc:
-        return "a string as the key (names are strings)"
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and "[key]" not in loc:
         holder = _model_at(schema, loc[:-1])
         known = ", ".join(holder.model_fields) if holder is not None else ""
         return "no such key" + (f"; known keys: {known}" if known else "")
     if kind == "model_type":
         return ("a name or a mapping with 'name' (and optional 'params')" if ctx.get("class_name") in _ENTRIES
                 else "a mapping")
-    if kind in _BOUNDS:
-        return f"a value {_BOUNDS[kind]} {next(iter(ctx.values()))}"
-    if kind == "too_long":
-        return f"at most {ctx['max_length']} items"
-    if kind == "too_short":
-        return f"at least {ctx['min_length']} item" + ("s" if ctx["min_length"] != 1 else "")
-    if kind == "value_error":
-        return error["msg"].removeprefix("Value error, ")
-    if kind in _EXPECTED:
-        return _EXPECTED[kind]
-    message = error["msg"].removeprefix("Input should be ")
-    return message[0].lower() + message[1:]
+    if kind == "string_pattern_mismatch":
+        return "a name of letters, digits, '.', '_' and '-' that starts with a letter or digit"
+    return expected_of(error)
 
 
 def issues_of(exc: ValidationError, raw: Any, schema: type[BaseModel]) -> list[Issue]:
@@ -243,18 +224,3 @@ def issues_of(exc: ValidationError, raw: Any, schema: type[BaseModel]) -> list[I
         value = error.get("input") if error["type"] != "missing" else None
         found.append(Issue(path, value, _expected(error, schema, loc)))
     return found
-
-
-@functools.cache
-def params_model(factory: Callable[..., Any], exclude: frozenset[str] = frozenset()) -> type[BaseModel]:
-    """The pydantic model of a factory's keyword parameters, from its signature (names, types, defaults)."""
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    hints = typing.get_type_hints(target)
-    fields: dict[str, Any] = {}
-    for param in inspect.signature(target).parameters.values():
-        if param.name in ("self", *exclude) or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[param.name] = (hints.get(param.name, Any), default)
-    name = getattr(factory, "__name__", "factory")
-    return create_model(f"{name}_params", __config__=_CONFIG, **fields)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from attacks.base import Attack, Knowledge, PublicDefense, Reconstruction, budget, require_image_shape
+from attacks.base import (Attack, Dtype, Evaluations, Knowledge, PublicDefense, Reconstruction, budget,
+                          require_image_shape)
 from attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, relative_residual
 from attacks.peel.adaptive import DefenseReading, invert_stage_adaptive, read_defense, refine_adaptive
 from attacks.peel.chain import chain, end_to_end_loss
@@ -16,7 +17,8 @@ from attacks.peel.solver import invert_stage
 from attacks.peel.stages import Stage, UnsupportedLayerError, build_stages, extract_stages
 from attacks.priors import total_variation
 from attacks.registry import register
-from splitnn.errors import check_bool, check_choice, check_number
+from splitnn.errors import ParameterError
+from splitnn.params import Count, NonNegative, Seconds
 
 
 def stage_bounds(stages: list[Stage], index: int) -> tuple[float | None, float | None]:
@@ -62,38 +64,20 @@ class PEEL(Attack):
 
     knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
 
-    def __init__(self, solver: str = "default", refine: bool = True,
-                 max_iter: int = 300, fixed_point_iters: int = 100, refine_iter: int = 500,
-                 tv_weight: float = 0.3, also_from_grey: bool = True, prior_weight: float = 1.0,
-                 block_iter: int = 10, dtype: str = "float64", adaptive: bool = False, tv_prior: float = 5.0,
-                 max_evaluations: int | None = None, max_seconds: float | None = None):
-        self.solver = check_choice("solver", solver, ("default", "paper"))
-        self.refine = check_bool("refine", refine)
-        self.max_iter = check_number("max_iter", max_iter, low=0, integer=True)
-        self.block_iter = check_number("block_iter", block_iter, low=0, integer=True)
-        self.fixed_point_iters = check_number("fixed_point_iters", fixed_point_iters, low=0, integer=True)
-        self.refine_iter = check_number("refine_iter", refine_iter, low=0, integer=True)
-        self.tv_weight = float(check_number("tv_weight", tv_weight, low=0))
-        self.also_from_grey = check_bool("also_from_grey", also_from_grey)
-        self.prior_weight = float(check_number("prior_weight", prior_weight, low=0))
-        self.dtype = check_choice("dtype", dtype, ("float32", "float64"))
-        self.adaptive = check_bool("adaptive", adaptive)
-        self.tv_prior = float(check_number("tv_prior", tv_prior, low=0))
-        self.max_evaluations = None if max_evaluations is None else check_number(
-            "max_evaluations", max_evaluations, low=2 if self.also_from_grey else 1, high=10 ** 7, integer=True)
-        self.max_seconds = None if max_seconds is None else float(check_number(
-            "max_seconds", max_seconds, low=0, high=86400, low_open=True))
+    def __init__(self, solver: Literal["default", "paper"] = "default", refine: bool = True,
+                 max_iter: Count = 300, fixed_point_iters: Count = 100, refine_iter: Count = 500,
+                 tv_weight: NonNegative = 0.3, also_from_grey: bool = True, prior_weight: NonNegative = 1.0,
+                 block_iter: Count = 10, dtype: Dtype = "float64", adaptive: bool = False, tv_prior: NonNegative = 5.0,
+                 max_evaluations: Evaluations | None = None, max_seconds: Seconds | None = None):
+        self.solver, self.refine, self.max_iter, self.block_iter = solver, refine, max_iter, block_iter
+        self.fixed_point_iters, self.refine_iter, self.tv_weight = fixed_point_iters, refine_iter, tv_weight
+        self.also_from_grey, self.prior_weight, self.dtype = also_from_grey, prior_weight, dtype
+        self.adaptive, self.tv_prior, self.max_seconds = adaptive, tv_prior, max_seconds
+        if max_evaluations is not None and also_from_grey and max_evaluations < 2:
+            raise ParameterError("max_evaluations", max_evaluations, "at least 2 with also_from_grey (one per start)")
+        self.max_evaluations = max_evaluations
         if self.adaptive:  # per instance: the defense-aware variant knows more than plain PEEL
             self.knowledge = PEEL.knowledge | {Knowledge.DEFENSE}
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"solver": self.solver, "refine": self.refine, "max_iter": self.max_iter,
-                "block_iter": self.block_iter, "fixed_point_iters": self.fixed_point_iters,
-                "refine_iter": self.refine_iter,
-                "tv_weight": self.tv_weight, "also_from_grey": self.also_from_grey,
-                "prior_weight": self.prior_weight, "dtype": self.dtype, "adaptive": self.adaptive,
-                "tv_prior": self.tv_prior, "max_evaluations": self.max_evaluations, "max_seconds": self.max_seconds}
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         try:
