@@ -20,17 +20,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     cells = config.cells()
     for cell in cells:
         print(f"{cell.key}  {cell.label()}")
+    if not _affordable(config, args):
+        return EXIT_CONFIG_ERROR
+    print(f"{len(cells)} cells in {config.name}: config is valid")
+    return 0
+
+
+def _affordable(config, args: argparse.Namespace) -> bool:
+    """Print the config's notes and cost; False (with the reasons on stderr) if it is over a bound, unless
+    ``--force``."""
     for note in config.notes:
         print(f"note: {note}")
     cost = config.cost()
     print(cost.describe())
     problems = cost.problems()
-    if problems and not args.force:
-        for problem in problems:
-            print(f"leakbench: {args.config}: {problem}; rerun with --force to accept it", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    print(f"{len(cells)} cells in {config.name}: config is valid")
-    return 0
+    for problem in problems:
+        print(f"leakbench: {args.config}: {problem}"
+              + ("" if args.force else "; rerun with --force to accept it"), file=sys.stderr)
+    return args.force or not problems
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -42,6 +49,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from evaluation.store_lock import RunLock
 
     config = load_config(args.config)  # validated completely before any work
+    if not _affordable(config, args):
+        return EXIT_CONFIG_ERROR
     out = Path(args.out) if args.out else Path("results") / config.name
     start = time.perf_counter()
     matrix = Matrix(config, cache_dir=args.cache_dir, progress=not args.quiet)
@@ -150,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recompute", action="append", default=[], metavar="ATTACK|DEFENSE",
                      help="recompute the cells of this attack or defense even if the store has them from the "
                           "installed code (repeatable); cells stored by other code are always recomputed")
+    run.add_argument("--force", action="store_true", help="run a grid over the cell-count or memory bound")
     run.set_defaults(func=_cmd_run)
     export = sub.add_parser("export", help="write the cells and per-image rows of a result store as CSV or Parquet")
     export.add_argument("results", help="a results directory (leakbench run --out) or its results.sqlite")

@@ -268,3 +268,12 @@ def test_validate_prints_the_cost_and_force_accepts_an_oversized_grid(tmp_path, 
     assert main(["validate", str(path), "--force"]) == 0
     out = capsys.readouterr().out
     assert "estimated peak memory per cell" in out and "config is valid" in out
+
+
+def test_a_run_over_the_memory_bound_is_refused_before_any_work(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(_swap("dataset: digits", "dataset: {name: digits, params: {size: 512}}")
+                    .replace("{num_images: 2}", "{num_images: 10000}"))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err and not out.exists()
