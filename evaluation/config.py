@@ -96,8 +96,6 @@ class ExperimentConfig:
 
     def __init__(self, raw: Any, source: str = "<config>"):
         self.source = source
-        if not isinstance(raw, dict):
-            raise ConfigError("<top level>", raw, "a mapping of config keys")
         parsed, self._issues = schema.parse(raw)
         self.raw = copy.deepcopy(raw)
         self.name = parsed.get("name") or _safe_name(Path(source).stem)

@@ -132,7 +132,9 @@ def parse(raw: dict[str, Any]) -> tuple[dict[str, Any], list["Issue"]]:
         return dict(Experiment.model_validate(raw)), []
     except ValidationError as exc:
         issues = issues_of(exc, raw, Experiment)
-        failed = {error["loc"][0] for error in exc.errors() if error["loc"]}
+        if any(not error["loc"] for error in exc.errors()):  # not a mapping at all
+            return {}, issues
+        failed = {error["loc"][0] for error in exc.errors()}
     parsed = {}
     for name, field in Experiment.model_fields.items():
         if name in failed:
@@ -207,6 +209,8 @@ def _expected(error: dict[str, Any], schema: type[BaseModel], loc: tuple[Any, ..
         holder = _model_at(schema, loc[:-1])
         known = ", ".join(holder.model_fields) if holder is not None else ""
         return "no such key" + (f"; known keys: {known}" if known else "")
+    if kind == "model_type" and not loc:
+        return "a mapping of config keys"
     if kind == "model_type":
         return ("a name or a mapping with 'name' (and optional 'params')" if ctx.get("class_name") in _ENTRIES
                 else "a mapping")

@@ -7,7 +7,7 @@ from evaluation.cli import main
 GOOD = """
 name: tiny
 seed: 0
-dataset: digits
+dataset: {name: digits, params: {size: 16}}  # 16x16: a 4x cheaper target and judge
 model: resnet20
 train: {epochs: 1, batch_size: 128}
 cut: layer1

@@ -21,7 +21,7 @@ METRICS = ["accuracy", "mse", "psnr", "ssim", "psnr_ci_low", "psnr_ci_high"]
 CONFIG = """
 name: scale
 seed: 0
-dataset: digits
+dataset: {name: digits, params: {size: 16}}  # 16x16: a 4x cheaper target and judge
 model: resnet20
 train: {epochs: 1, batch_size: 128}
 cut: layer1

@@ -116,7 +116,8 @@ def tiny_run(tmp_path_factory):
     """A tiny run with one done, one failed and two not-applicable cells, then `leakbench report` on it."""
     tmp = tmp_path_factory.mktemp("report")
     config = tmp / "tiny.yaml"
-    config.write_text(textwrap.dedent(CONFIG))
+    # with the classifier (for the attack-top-1 figure); at 16x16 its judge is the session's cheap one
+    config.write_text(textwrap.dedent(CONFIG).replace("classifier: false", "classifier: true"))
     original, calls = attacks.RMLE.reconstruct, []
 
     def fails_under_noise(self, client, features, **ctx):
