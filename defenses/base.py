@@ -1,55 +1,57 @@
-"""The Defense base: what stands between the client and the server, and what it guarantees."""
+"""The defense bases: a thin common ``Defense`` (parameters, seed, guarantee, what it declares), and its two
+kinds, ``FeatureDefense`` (acts on the features at the cut) and ``TrainingDefense`` (hooks ``splitnn.train``).
+A defense's kind is its base class; consumers read it, its strength zero and whether it is a baseline from the
+class, never from its name."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 from torch import nn
 
+from splitnn.hooks import TrainingHooks
 from splitnn.params import Declared, Seed
-
-if TYPE_CHECKING:
-    from splitnn.training import TrainConfig
 
 Kind = Literal["transform", "training"]
 
 
 class Defense(Declared):
-    """A defense declares its ``kind``:
-
-    - ``"transform"``: acts on the features at the cut at inference time; ``__call__(features)``.
-    - ``"training"``: changes how the model is trained (hooks ``splitnn.train``).
-
-    Hooks (all optional, see the README's "Defenses" section):
-
-    - transform defenses that need data set ``needs_fit`` and implement
-      ``fit(client, server, x_train, y_train) -> server``; the runner calls it once before use.
-    - training defenses implement ``prepare_model(model) -> model`` (may change the architecture)
-      and ``train_model(model, x, y, config, cut) -> report``; ``splitnn.train`` calls both, and
-      ``restore(report)`` when the model comes from the checkpoint cache.
+    """What every defense has. Subclass ``FeatureDefense`` or ``TrainingDefense``, never this directly.
 
     Randomness comes from ``seed`` alone, so a cell is reproducible. Parameters are declared once, in the
     constructor's annotated signature (``splitnn.params``); ``params`` lists them without the seed.
     """
 
-    kind: ClassVar[Kind] = "transform"
+    #: Set by the two kind bases (``transform`` or ``training``); a defense does not set it itself.
+    kind: ClassVar[Kind]
     name: ClassVar[str] = "defense"
     #: What ``guarantee()`` certifies, in words (listed by ``leakbench defenses``).
     guarantee_type: ClassVar[str] = "none"
+    #: The parameters at which the defense does nothing (a feature defense passes the features unchanged, a
+    #: training defense trains the model plain training would); None when no setting does.
+    strength_zero: ClassVar[Mapping[str, Any] | None] = None
+    #: An undefended reference row (no defense, or the same architecture without the defense): tables compare
+    #: the defenses with it and never mark it the best defense.
+    baseline: ClassVar[bool] = False
+    #: Attacker knowledge this defense takes away (e.g. ``{"client_weights"}`` for a client with a secret
+    #: key); the runner marks cells of attacks that need any of it not applicable. Values of attacks.Knowledge.
+    denies: ClassVar[frozenset[str]] = frozenset()
     #: Transform defenses: whether ``fit()`` must run on training data before ``transform()``.
     needs_fit: ClassVar[bool] = False
     #: Training defenses: whether training needs the name of the cut (e.g. NoPeek's penalty there).
     uses_cut: ClassVar[bool] = False
-    #: Attacker knowledge this defense takes away (e.g. ``{"client_weights"}`` for a client with a secret
-    #: key); the runner marks cells of attacks that need any of it not applicable. Values of attacks.Knowledge.
-    denies: ClassVar[frozenset[str]] = frozenset()
     unlisted = ("seed",)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__ and cls.__module__ != __name__:
+            raise TypeError(f"{cls.__name__} sets kind; derive it from FeatureDefense or TrainingDefense instead")
 
     def __init__(self, seed: Seed = 0):
         self.seed = seed
         self._generator: torch.Generator | None = None
-        #: Training defenses: what ``train_model`` reported (empty until trained or restored).
+        #: What fitting or training reported (e.g. the epsilon spent); empty until then, or restored from a cache.
         self.report: dict[str, Any] = {}
 
     def guarantee(self) -> dict[str, Any]:
@@ -70,35 +72,42 @@ class Defense(Declared):
         return self._generator
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        if self.kind != "transform":
-            return features
+        """The features the server receives."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+class FeatureDefense(Defense):
+    """Acts on the features at the cut at inference time: ``transform(features) -> features``, seeded. One that
+    learns from data sets ``needs_fit`` and implements ``fit``; the runner calls it once before use."""
+
+    kind = "transform"
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return self.transform(features)
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} is a transform defense without a transform()")
-
-    # ------------------------------------------------------------ transform defenses that learn from data
+        raise NotImplementedError(f"{type(self).__name__} is a feature defense without a transform()")
 
     def fit(self, client: nn.Module, server: nn.Module, x_train: torch.Tensor,
             y_train: torch.Tensor) -> nn.Module:
         """Learn what the transform needs from training data; return the server half to use with it."""
         return server
 
-    # ------------------------------------------------------------ training defenses
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """The model to train (and to rebuild before loading a cached checkpoint); identity by default."""
-        return model
+class TrainingDefense(Defense, TrainingHooks):
+    """Changes how the model is trained, as hooks of ``splitnn.train``'s one loop (``splitnn.hooks``); the
+    features pass unchanged at inference. ``finish`` returns the report; ``restore`` takes it back from a cache."""
 
-    def train_model(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: "TrainConfig",
-                    cut: str | None = None, progress: bool = True) -> dict[str, Any]:
-        """Train ``model`` in place under this defense; return a JSON-able report (kept with the checkpoint)."""
-        raise NotImplementedError(f"{type(self).__name__} is a {self.kind} defense and does not train models")
+    kind = "training"
+    #: The cut, given by ``defenses.hooks_for`` to a defense that ``uses_cut``; None otherwise.
+    cut: str | None = None
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
     def restore(self, report: dict[str, Any]) -> None:
-        """Take back the report of an earlier ``train_model`` (a cached checkpoint), e.g. the epsilon spent."""
         self.report = dict(report)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"

@@ -1,21 +1,17 @@
-"""DP-SGD with Opacus: train the whole split model to a target (epsilon, delta), and its non-private
-baseline (the same GroupNorm architecture trained with plain SGD)."""
+"""DP-SGD with Opacus as hooks of the one training loop: the whole split model trained to a target (epsilon,
+delta), and its non-private baseline (the same GroupNorm architecture, the same loop and schedule, no DP)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
-from defenses.base import Defense
+from defenses.base import TrainingDefense
 from defenses.registry import register
 from splitnn.params import Positive, PositiveCount, Seed
-
-if TYPE_CHECKING:
-    from splitnn.training import TrainConfig
 
 Accountant = Literal["rdp", "prv", "gdp"]
 FIX_NOTE = "BatchNorm replaced by GroupNorm (opacus ModuleValidator.fix)"
@@ -39,17 +35,19 @@ def opacus_fix(model: nn.Module) -> nn.Module:
 
 
 @register("dp_sgd")
-class DPSGD(Defense):
+class DPSGD(TrainingDefense):
     """Trains the split model with DP-SGD (Opacus ``make_private_with_epsilon``, Poisson sampling) to a
     target (epsilon, delta) per training example; BatchNorm becomes GroupNorm (``ModuleValidator.fix``).
 
-    ``epochs=None`` uses the training config's epochs. After training the accountant's epsilon is
-    recorded as the guarantee; training fails with PrivacyBudgetExceeded if it exceeds the target.
-    DP-SGD protects the membership of training examples, not the inputs a client sends at inference.
+    It hooks the one loop (``splitnn.train``: SGD with momentum, cosine schedule), so it differs from
+    ``groupnorm_baseline`` only in the DP. ``epochs=None`` uses the training config's epochs. After training
+    the accountant's epsilon is recorded as the guarantee; training fails with PrivacyBudgetExceeded if it
+    exceeds the target. DP-SGD protects the membership of training examples, not the inputs a client sends
+    at inference.
     """
 
-    kind = "training"
     guarantee_type = "(epsilon, delta)-DP per training example (DP-SGD, Opacus accountant)"
+    strength_zero = None  # the noise cannot be switched off: epsilon is bounded; groupnorm_baseline is "no DP"
 
     # Opacus searches the noise multiplier to a tolerance of 0.01 in epsilon: a smaller target never ends.
     def __init__(self, epsilon: Annotated[float, Field(ge=MIN_EPSILON, le=1e6)] = 8.0,
@@ -58,6 +56,8 @@ class DPSGD(Defense):
         super().__init__(seed)
         self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
         self.epochs, self.accountant = epochs, accountant
+        self._engine: Any = None
+        self._private: Any = None
 
     def guarantee(self) -> dict[str, Any]:
         """epsilon is the accountant's (<= target) once trained; the target until then."""
@@ -70,58 +70,50 @@ class DPSGD(Defense):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return opacus_fix(model)
 
-    def train_model(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: "TrainConfig",
-                    cut: str | None = None, progress: bool = True) -> dict[str, Any]:
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
+    def train_epochs(self, planned: int) -> int:
+        return self.epochs if self.epochs is not None else planned
 
-        epochs = self.epochs if self.epochs is not None else config.epochs
-        loader = DataLoader(TensorDataset(x, y), batch_size=config.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(self.seed))
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9,
-                                    weight_decay=config.weight_decay)
-        engine = PrivacyEngine(accountant=self.accountant)
-        model.train()
-        private, optimizer, loader = engine.make_private_with_epsilon(
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, epochs: int
+             ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        """Opacus's GradSampleModule, DPOptimizer (noise calibrated so the planned steps spend the target) and
+        a Poisson-sampled loader with the expected batch size of ``loader``."""
+        from opacus import PrivacyEngine
+
+        self._engine = PrivacyEngine(accountant=self.accountant)
+        self._planned_epochs = epochs
+        self._private, optimizer, loader = self._engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=loader, target_epsilon=self.epsilon,
             target_delta=self.delta, epochs=epochs, max_grad_norm=self.max_grad_norm,
             noise_generator=torch.Generator().manual_seed(self.seed + 1))
-        steps = 0
-        try:
-            for _ in tqdm(range(epochs), desc="DP-SGD", unit="epoch", disable=not progress, leave=False):
-                for xb, yb in loader:
-                    optimizer.zero_grad()
-                    F.cross_entropy(private(xb), yb).backward()
-                    optimizer.step()
-                    steps += 1
-        finally:
-            private.cleanup()  # remove Opacus's hooks and per-sample gradients from ``model``
-        spent = float(engine.get_epsilon(self.delta))
+        self._optimizer, self._steps_per_epoch = optimizer, len(loader)
+        return self._private, optimizer, loader
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Remove Opacus's hooks and per-sample gradients, and check the accountant's epsilon against the target."""
+        self._private.cleanup()
+        steps = sum(entry[-1] for entry in self._engine.accountant.history)  # (noise, sample rate, steps)
+        spent = float(self._engine.get_epsilon(self.delta))
         if spent > self.epsilon * (1 + 1e-9):
             raise PrivacyBudgetExceeded(f"the {self.accountant} accountant reports epsilon {spent:.4g} spent, "
                                         f"more than the target {self.epsilon:.4g} (delta {self.delta:g})")
-        model.eval()
-        return {"epsilon_spent": spent, "noise_multiplier": float(optimizer.noise_multiplier), "steps": steps,
-                "epochs": epochs, "sample_rate": 1 / len(loader), "architecture": FIX_NOTE}
+        self.report = {"epsilon_spent": spent, "noise_multiplier": float(self._optimizer.noise_multiplier),
+                       "steps": steps, "epochs": self._planned_epochs, "sample_rate": 1 / self._steps_per_epoch,
+                       "architecture": FIX_NOTE}
+        self._engine = self._private = self._optimizer = None
+        return dict(self.report)
 
 
 @register("groupnorm_baseline")
-class GroupNormBaseline(Defense):
-    """No defense for a DP-SGD comparison: the same GroupNorm model (``ModuleValidator.fix``) trained with
-    plain SGD, so the undefended row of a DP-SGD study has the same architecture."""
+class GroupNormBaseline(TrainingDefense):
+    """No defense for a DP-SGD comparison: the same GroupNorm model (``ModuleValidator.fix``) trained by the
+    same loop and schedule without DP, so the undefended row of a DP-SGD study has the same architecture."""
 
-    kind = "training"
-
-    def guarantee(self) -> dict[str, Any]:
-        return {}
+    baseline = True
+    strength_zero = None  # it changes the architecture: it is the reference, not a defense that can be turned off
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return opacus_fix(model)
 
-    def train_model(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: "TrainConfig",
-                    cut: str | None = None, progress: bool = True) -> dict[str, Any]:
-        from splitnn.training import fit
-
-        fit(model, x, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-            weight_decay=config.weight_decay, seed=config.seed, progress=progress)
-        return {"architecture": FIX_NOTE}
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        self.report = {"architecture": FIX_NOTE}
+        return dict(self.report)

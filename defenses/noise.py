@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
-from defenses.base import Defense
+from defenses.base import FeatureDefense
 from defenses.registry import register
 from splitnn.batch import per_sample
 from splitnn.errors import ParameterError
@@ -16,15 +16,20 @@ from splitnn.params import NonNegative, Seed
 
 
 @register("none")
-class NoDefense(Defense):
+class NoDefense(FeatureDefense):
     """The undefended baseline: features pass unchanged."""
+
+    baseline = True
+    strength_zero = {}
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
 
-class _ScaledNoise(Defense):
+class _ScaledNoise(FeatureDefense):
     """Zero-mean noise with standard deviation ``scale`` (absolute) or ``scale`` x each sample's feature RMS."""
+
+    strength_zero = {"scale": 0.0}
 
     def __init__(self, scale: NonNegative = 0.1, relative: bool = True, seed: Seed = 0):
         super().__init__(seed)
@@ -110,7 +115,7 @@ def analytic_gaussian_sigma(sensitivity: float, epsilon: float, delta: float) ->
 
 
 @register("feature_dp")
-class FeatureDP(Defense):
+class FeatureDP(FeatureDefense):
     """Each sample's flattened feature vector is clipped to norm ``clip`` (L2 for Gaussian, L1 for
     Laplace), then noise calibrated to (epsilon, delta) is added: one release of one feature vector
     is (epsilon, delta)-DP with respect to the client's input (any two inputs are neighbours).
@@ -122,6 +127,7 @@ class FeatureDP(Defense):
     """
 
     guarantee_type = "(epsilon, delta)-DP per released feature vector (local DP of the client's input)"
+    strength_zero = {"epsilon": math.inf, "clip": math.inf}
 
     def __init__(self, epsilon: Annotated[float, Field(gt=0, allow_inf_nan=True)] = 1.0,
                  delta: Annotated[float, Field(ge=0, lt=1)] | None = None,

@@ -2,18 +2,16 @@
 between each batch's inputs and its features at the cut, so the features carry less of the input."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from defenses.base import Defense
+from defenses.base import TrainingDefense
 from defenses.registry import register
 from splitnn.params import NonNegative, Seed
-
-if TYPE_CHECKING:
-    from splitnn.training import TrainConfig
+from splitnn.split import split
 
 
 def _centered_distances(x: torch.Tensor) -> torch.Tensor:
@@ -32,36 +30,49 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -
     return (dcov_xy.clamp_min(0) / dvar.sqrt().clamp_min(eps)).clamp_min(eps).sqrt()
 
 
-@register("nopeek")
-class NoPeek(Defense):
-    """Trains the model with ``cross_entropy + alpha * dCor(x, client(x))`` on every batch, the penalty
-    taken at the cell's cut; ``alpha=0`` is plain training. No formal guarantee."""
+class _Tap(nn.Module):
+    """``server(client(x))`` (exactly the model's output) that keeps the features at the cut of its last call."""
 
-    kind = "training"
+    def __init__(self, client: nn.Module, server: nn.Module):
+        super().__init__()
+        self.client, self.server = client, server
+        self.features: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.features = self.client(x)
+        return self.server(self.features)
+
+
+@register("nopeek")
+class NoPeek(TrainingDefense):
+    """Trains the model with ``cross_entropy + alpha * dCor(x, client(x))`` on every batch, the penalty
+    taken at the cell's cut (one forward pass: the loop's model is tapped at the cut); ``alpha=0`` is plain
+    training. No formal guarantee."""
+
     uses_cut = True
+    strength_zero = {"alpha": 0.0}
 
     def __init__(self, alpha: NonNegative = 1.0, seed: Seed = 0):
         super().__init__(seed)
         self.alpha = alpha
+        self._penalties: list[float] = []
+        self._steps_per_epoch = 1
 
-    def train_model(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: "TrainConfig",
-                    cut: str | None = None, progress: bool = True) -> dict[str, Any]:
-        from splitnn.split import split
-        from splitnn.training import fit
-
-        if cut is None:
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, epochs: int
+             ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        """The model as client and server halves at the cut (sharing its modules), tapped there."""
+        if self.cut is None:
             raise ValueError("nopeek needs the cut at which to penalise the features")
-        # Both halves share the model's modules, so fit()'s model.train()/eval() switches them too.
-        client, server = split(model, cut)
-        penalties: list[float] = []
+        self._penalties, self._steps_per_epoch = [], max(1, len(loader))
+        return _Tap(*split(model, self.cut)), optimizer, loader
 
-        def loss(_: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            features = client(xb)
-            penalty = distance_correlation(xb, features)
-            penalties.append(float(penalty.detach()))
-            return F.cross_entropy(server(features), yb) + self.alpha * penalty
+    def loss_term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  outputs: torch.Tensor) -> torch.Tensor | None:
+        penalty = distance_correlation(x, model.features)
+        self._penalties.append(float(penalty.detach()))
+        return self.alpha * penalty
 
-        fit(model, x, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-            weight_decay=config.weight_decay, seed=config.seed, progress=progress, loss=loss)
-        last = penalties[-max(1, len(penalties) // max(1, config.epochs)):] if penalties else [0.0]
-        return {"cut": cut, "alpha": self.alpha, "final_epoch_dcor": sum(last) / len(last)}
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        last = self._penalties[-self._steps_per_epoch:] or [0.0]
+        self.report = {"cut": self.cut, "alpha": self.alpha, "final_epoch_dcor": sum(last) / len(last)}
+        return dict(self.report)

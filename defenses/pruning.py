@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defenses.base import Defense
+from defenses.base import FeatureDefense
 from defenses.registry import register
 from splitnn.params import Count, Fraction, Positive, PositiveCount, Seed
 
@@ -32,7 +32,7 @@ class _Joined(nn.Module):
 
 
 @register("pruning")
-class Pruning(Defense):
+class Pruning(FeatureDefense):
     """Zeroes the ``floor(ratio * C)`` channels (of C at the cut) with the lowest score, i.e. those the task
     needs least, computed once by ``fit`` on ``samples`` training images.
 
@@ -43,6 +43,7 @@ class Pruning(Defense):
     """
 
     needs_fit = True
+    strength_zero = {"ratio": 0.0}
 
     def __init__(self, ratio: Fraction = 0.5, score: Score = "magnitude", objective: Literal["loss", "logit"] = "loss",
                  samples: PositiveCount = 256, n_steps: Annotated[int, Field(ge=2)] = 16, finetune_server: Count = 0,

@@ -1,10 +1,13 @@
-"""Defenses by name: ``defenses.get("gaussian_noise", scale=0.1)``."""
+"""Defenses by name: ``defenses.get("gaussian_noise", scale=0.1)``, and the training defense a training config
+names, as hooks for ``splitnn.train`` (``hooks_for``)."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from defenses.base import Defense
+from defenses.base import Defense, TrainingDefense
+from splitnn.errors import ParameterError
 from splitnn.registry import Registry
+from splitnn.training import TrainConfig
 
 _registry: Registry[Defense] = Registry("defense")
 
@@ -26,3 +29,20 @@ def names() -> list[str]:
 def defense_class(name: str) -> type[Defense]:
     """The class registered as ``name`` (its ``kind`` and hooks), without building it."""
     return _registry.factory(name)  # type: ignore[return-value]
+
+
+def hooks_for(config: TrainConfig) -> TrainingDefense | None:
+    """The training defense ``config.defense`` names, seeded with ``config.seed`` and given its cut: the hooks
+    to pass to ``splitnn.train(config, hooks=...)``; None for a plain config. A bad name, kind, parameter or a
+    missing cut raises ParameterError naming it, before any work."""
+    if config.defense is None:
+        return None
+    name = config.defense["name"]
+    defense = get(name, seed=config.seed, **config.defense.get("params", {}))
+    if not isinstance(defense, TrainingDefense):
+        raise ParameterError("defense.name", name,
+                             "a training defense (transform defenses act at inference, not in train())")
+    if defense.uses_cut and config.cut is None:
+        raise ParameterError("cut", None, f"the cut at which {name} trains")
+    defense.cut = config.cut
+    return defense

@@ -7,19 +7,21 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from defenses.base import Defense
+from defenses.base import FeatureDefense
 from defenses.registry import register
 from splitnn.errors import ParameterError
 from splitnn.params import Fraction, Seed
 
 
 @register("quantization")
-class Quantization(Defense):
+class Quantization(FeatureDefense):
     """Rounds every feature to one of ``2**bits`` evenly spaced levels.
 
     ``range="sample"``: the levels span each sample's own [min, max]; ``range="fixed"``: features are
     clamped to [``low``, ``high``] first. ``bits=None`` keeps full precision (strength 0).
     """
+
+    strength_zero = {"bits": None}
 
     def __init__(self, bits: Annotated[int, Field(ge=1, le=32)] | None = 8, range: Literal["sample", "fixed"] = "sample",
                  low: float = 0.0, high: float = 1.0, seed: Seed = 0):
@@ -43,9 +45,11 @@ class Quantization(Defense):
 
 
 @register("topk")
-class TopK(Defense):
+class TopK(FeatureDefense):
     """Keeps the ``keep`` fraction of each sample's features with the largest magnitude (at least one),
     zeroing the rest; ``keep=1`` is the identity."""
+
+    strength_zero = {"keep": 1.0}
 
     def __init__(self, keep: Annotated[float, Field(gt=0, le=1)] = 0.1, seed: Seed = 0):
         super().__init__(seed)
@@ -62,9 +66,11 @@ class TopK(Defense):
 
 
 @register("dropout")
-class CutDropout(Defense):
+class CutDropout(FeatureDefense):
     """Zeroes each feature with probability ``p`` at inference (seeded), scaling the survivors by
     1/(1-p) when ``rescale`` so the expected features are unchanged; ``p=0`` is the identity."""
+
+    strength_zero = {"p": 0.0}
 
     def __init__(self, p: Fraction = 0.1, rescale: bool = True, seed: Seed = 0):
         super().__init__(seed)

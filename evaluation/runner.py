@@ -139,8 +139,8 @@ class Matrix:
         if config.key() in self._models:
             self.cache_stats["model_hit"] += 1
         else:
-            self._models[config.key()] = train(config, self.cache_dir, data=self.dataset(cell),
-                                               progress=self.progress)
+            self._models[config.key()] = train(config, self.cache_dir, hooks=defenses.hooks_for(config),
+                                               data=self.dataset(cell), progress=self.progress)
             self.cache_stats["model_miss"] += 1
             self.cache_stats["model_disk"] += int(self._models[config.key()].from_cache)
         return self._models[config.key()]
@@ -155,8 +155,8 @@ class Matrix:
         whose random stream starts again from the seed.
         """
         spec = cell["defense"]
-        if trained.defense is not None:
-            return trained.defense, server
+        if isinstance(trained.hooks, defenses.TrainingDefense):
+            return trained.hooks, server
         defense = defenses.get(spec["name"], seed=cell["seed"], **spec["params"])
         if not defense.needs_fit:
             return defense, server
@@ -287,7 +287,7 @@ class Matrix:
                                  cache_dir=self.cache_dir, cache_key=attack_cache_key(
                                      attack, defense, cell["defense"],
                                      {"model": trained.config.key(), "cut": cell["cut"], "seed": seed}))
-        recon = attack.reconstruct(client, shared.features, **context)
+        recon = attack.reconstruct(client, shared.features, context=context)
         if not torch.isfinite(recon.images).all():
             raise NonFiniteReconstruction(f"{attack.name} returned NaN or infinite reconstructions")
         per_image = image_metrics(recon.images, shared.truth)

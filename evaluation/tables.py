@@ -7,6 +7,8 @@ import json
 
 import pandas as pd
 
+import defenses
+
 from evaluation.metrics import IMAGE_METRICS
 from evaluation.store import current_rows, params_text
 
@@ -65,8 +67,12 @@ MATRIX_METRICS: dict[str, str] = {"psnr": "PSNR (dB)", "attack_top1": "attack to
 ACCURACY_TOLERANCE = 0.05
 #: What else tells rows apart when a store holds several of it (each group has its own undefended reference).
 ROW_GROUPS = ("dataset", "model", "cut", "seed")
-#: Defense names that mean "no defense" (the reference row, never marked best).
-UNDEFENDED = ("none",)
+
+
+def is_baseline(name: str) -> bool:
+    """Whether the defense registered as ``name`` declares itself an undefended reference row (``baseline``):
+    it is the accuracy reference and never marked best. A name this code does not register is not one."""
+    return name in defenses.names() and defenses.defense_class(name).baseline
 
 
 def distinguishing_params(cells: pd.DataFrame, name: str, params: str) -> pd.Series:
@@ -137,8 +143,9 @@ def best_rows(table: pd.DataFrame, tolerance: float = ACCURACY_TOLERANCE) -> dic
     for column, metric in table.attrs.get("metrics", {}).items():
         for rows in groups:
             group = table.loc[rows]
-            reference = group.loc[group["defense"].isin(UNDEFENDED), "accuracy"].dropna()
-            candidates = group[~group["defense"].isin(UNDEFENDED) & group[column].notna()]
+            undefended = group["defense"].map(is_baseline).astype(bool)
+            reference = group.loc[undefended, "accuracy"].dropna()
+            candidates = group[~undefended & group[column].notna()]
             if not reference.empty:
                 candidates = candidates[candidates["accuracy"] >= reference.max() - tolerance]
             if not candidates.empty:

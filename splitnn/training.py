@@ -1,5 +1,6 @@
-"""Train a zoo model on a dataset, with a checkpoint cache keyed by the hash of the training config and the
-fingerprint of the training code (a checkpoint of other code is never loaded)."""
+"""Train a zoo model on a dataset with the one training loop (training defenses hook it, ``splitnn.hooks``), with a
+checkpoint cache keyed by the hash of the training config and the fingerprint of the training code (a checkpoint
+of other code is never loaded)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable
+from typing import IO, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from splitnn import datasets as datasets_mod
@@ -21,9 +23,7 @@ from splitnn import zoo
 from splitnn.errors import ParameterError, check_number
 from splitnn.faults import set_aside, write_failure
 from splitnn.fingerprint import code_fingerprint
-
-if TYPE_CHECKING:
-    from defenses.base import Defense
+from splitnn.hooks import TrainingHooks
 
 CACHE_ENV = "LEAKBENCH_CACHE"
 
@@ -79,9 +79,10 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 5e-4
     seed: int = 0
-    #: A training defense as ``{"name": ..., "params": {...}}`` (e.g. dp_sgd, nopeek); None trains plainly.
+    #: What the training hooks are (e.g. ``{"name": "dp_sgd", "params": {...}}``), so hooked models get their own
+    #: checkpoints; ``train`` then needs those hooks. None trains plainly. Built by the caller (``defenses``).
     defense: dict[str, Any] | None = None
-    #: The cut, for training defenses that act there (``uses_cut``, e.g. NoPeek); None otherwise.
+    #: The cut, for hooks that act there (e.g. NoPeek); None otherwise.
     cut: str | None = None
 
     def __post_init__(self) -> None:
@@ -90,11 +91,9 @@ class TrainConfig:
         check_number("batch_size", self.batch_size, low=1, integer=True)
         check_number("weight_decay", self.weight_decay, low=0)
         check_number("seed", self.seed, low=0, integer=True)
-        if self.defense is not None:
-            if not isinstance(self.defense, dict) or set(self.defense) - {"name", "params"} \
-                    or "name" not in self.defense:
-                raise ParameterError("defense", self.defense, "a mapping with 'name' and optional 'params'")
-            self.build_defense()  # a bad name, kind or parameter fails now, before any work
+        if self.defense is not None and (not isinstance(self.defense, dict) or "name" not in self.defense
+                                         or set(self.defense) - {"name", "params"}):
+            raise ParameterError("defense", self.defense, "a mapping with 'name' and optional 'params'")
 
     def key(self) -> str:
         """The hash naming the checkpoint; ``defense`` and ``cut`` count only when set, so plain
@@ -105,25 +104,10 @@ class TrainConfig:
                 del config[optional]
         return config_hash(config)
 
-    def checkpoint_fingerprint(self, defense: "Defense | None" = None) -> str:
+    def checkpoint_fingerprint(self, hooks: TrainingHooks | None = None) -> str:
         """The fingerprint of the code a checkpoint of this config comes from: the training loop (with the zoo
-        and datasets it imports) and the training defense's module, if any (``defense``: the built one)."""
-        defense = defense if defense is not None else self.build_defense()
-        return code_fingerprint("splitnn.training", *([type(defense).__module__] if defense is not None else []))
-
-    def build_defense(self) -> "Defense | None":
-        """The training defense this config names, seeded with ``seed``; None when there is none."""
-        if self.defense is None:
-            return None
-        import defenses
-
-        defense = defenses.get(self.defense["name"], seed=self.seed, **self.defense.get("params", {}))
-        if defense.kind != "training":
-            raise ParameterError("defense.name", self.defense["name"],
-                                 "a training defense (transform defenses act at inference, not in train())")
-        if defense.uses_cut and self.cut is None:
-            raise ParameterError("cut", None, f"the cut at which {defense.name} trains")
-        return defense
+        and datasets it imports) and the module of the training hooks, if any."""
+        return code_fingerprint("splitnn.training", *([type(hooks).__module__] if hooks is not None else []))
 
 
 @dataclass
@@ -134,8 +118,8 @@ class TrainedModel:
     from_cache: bool
     path: Path | None
     train_seconds: float
-    #: The training defense that shaped the model (with its ``report``, e.g. the epsilon spent), if any.
-    defense: "Defense | None" = None
+    #: The training hooks that shaped the model (finished or restored: e.g. a defense with the epsilon spent).
+    hooks: TrainingHooks | None = None
 
 
 def build_model(config: TrainConfig, data: datasets_mod.Dataset) -> nn.Module:
@@ -153,51 +137,70 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float(multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro"))
 
 
+#: A caller's own objective ``loss(model, x, y)`` in place of the cross-entropy of ``model(x)``.
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The task loss: cross-entropy of ``model(x)`` against ``y``."""
-    return F.cross_entropy(model(x), y)
-
-
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-        weight_decay: float, seed: int, progress: bool = True, loss: Loss = cross_entropy) -> nn.Module:
-    """SGD with momentum and a cosine schedule; deterministic given ``seed``. ``loss(model, x, y)`` lets a
-    training defense add a penalty (e.g. NoPeek's distance correlation at the cut)."""
-    generator = torch.Generator().manual_seed(seed)
+        weight_decay: float, seed: int, progress: bool = True, hooks: TrainingHooks | None = None,
+        loss: Loss | None = None) -> dict[str, Any]:
+    """The one loop: SGD with momentum and a cosine schedule over every step, deterministic given ``seed``;
+    ``hooks`` may change the epochs, wrap (model, optimizer, loader) and add a loss term. ``loss`` replaces
+    the task loss (e.g. a shadow client under a frozen server); it excludes hooks. Returns the hooks'
+    report (``finish``); ``model`` itself is trained and left in eval mode."""
+    if loss is not None and hooks is not None:
+        raise ValueError("fit takes a replacement loss or training hooks, not both")
+    hooks = hooks if hooks is not None else TrainingHooks()
+    epochs = hooks.train_epochs(epochs)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * steps_per_epoch))
     model.train()
+    wrapped, optimizer, loader = hooks.wrap(model, optimizer, loader, epochs=epochs)
+    # created after the wrap, so it schedules the optimizer that steps, over the steps the loader makes
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
     for _ in tqdm(range(epochs), desc="training", unit="epoch", disable=not progress, leave=False):
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
+        for xb, yb in loader:
             optimizer.zero_grad()
-            loss(model, x[idx], y[idx]).backward()
+            if loss is not None:
+                total = loss(wrapped, xb, yb)
+            else:
+                outputs = wrapped(xb)
+                extra = hooks.loss_term(wrapped, xb, yb, outputs)
+                total = F.cross_entropy(outputs, yb) if extra is None else F.cross_entropy(outputs, yb) + extra
+            total.backward()
             optimizer.step()
             schedule.step()
-    return model.eval()
+    report = hooks.finish(model)  # a failed training leaves the model to be discarded, hooks and all
+    model.eval()
+    return report
 
 
-def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: datasets_mod.Dataset | None = None,
-          progress: bool = True) -> TrainedModel:
-    """Train ``config.model`` on ``config.dataset``, or load it from the cache if it was trained before.
+def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: TrainingHooks | None = None,
+          data: datasets_mod.Dataset | None = None, progress: bool = True) -> TrainedModel:
+    """Train ``config.model`` on ``config.dataset`` with the one loop (``fit``), or load it from the cache if
+    it was trained before.
 
-    With a training defense (``config.defense``) the defense prepares the model (it may change the
-    architecture, e.g. BatchNorm -> GroupNorm) and trains it; its report is kept with the checkpoint.
+    ``hooks`` (e.g. a training defense) prepare the model (they may change the architecture, e.g. BatchNorm
+    -> GroupNorm) and hook the loop; their report is kept with the checkpoint and restored from it. A config
+    that names a defense needs its hooks, and hooks need a config that names them (their own checkpoint).
     The checkpoint is ``<cache_dir>/models/<config hash>-<code fingerprint>.pt`` (a state dict) with a JSON
     sidecar that records both; after a change in the training code or the package versions it retrains.
     """
+    if (config.defense is None) != (hooks is None):
+        raise ParameterError("hooks", hooks, f"training hooks for the defense the config names "
+                             f"({config.defense['name']})" if config.defense is not None else
+                             "None, or a config whose defense names these hooks (so they get their own checkpoint)")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = data if data is not None else datasets_mod.get(config.dataset, **config.dataset_params)
-    defense = config.build_defense()
-    torch.manual_seed(config.seed)
-    model = build_model(config, data)
-    if defense is not None:
-        model = defense.prepare_model(model)
-    fingerprint = config.checkpoint_fingerprint(defense)
+
+    def fresh_model() -> nn.Module:
+        torch.manual_seed(config.seed)
+        model = build_model(config, data)
+        return hooks.prepare_model(model) if hooks is not None else model
+
+    model = fresh_model()
+    fingerprint = config.checkpoint_fingerprint(hooks)
     path = cache / "models" / f"{config.key()}-{fingerprint}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
@@ -205,28 +208,20 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
             state = torch.load(path, map_location="cpu", weights_only=True)
             meta = json.loads(meta_path.read_text())
             test_accuracy, train_seconds = float(meta["test_accuracy"]), float(meta["train_seconds"])
+            report = dict(meta.get("defense_report", {}))
             model.load_state_dict(state)
-            if defense is not None:
-                defense.restore(meta.get("defense_report", {}))
         except Exception as exc:  # a truncated, foreign or hand-edited file: moved aside (kept) and retrained
             set_aside(path, exc, meta_path)
-            defense = config.build_defense()
-            torch.manual_seed(config.seed)
-            model = build_model(config, data)
-            if defense is not None:
-                model = defense.prepare_model(model)
+            model = fresh_model()
         else:
-            return TrainedModel(model.eval(), config, test_accuracy, True, path, train_seconds, defense)
+            if hooks is not None:
+                hooks.restore(report)
+            return TrainedModel(model.eval(), config, test_accuracy, True, path, train_seconds, hooks)
 
     start = time.perf_counter()
-    report: dict[str, Any] = {}
-    if defense is None:
-        fit(model, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-            weight_decay=config.weight_decay, seed=config.seed, progress=progress)
-    else:
-        report = defense.train_model(model, data.x_train, data.y_train, config, cut=config.cut, progress=progress)
-        defense.restore(report)
-        model.eval()
+    report = fit(model, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr,
+                 batch_size=config.batch_size, weight_decay=config.weight_decay, seed=config.seed,
+                 progress=progress, hooks=hooks)
     seconds = time.perf_counter() - start
     acc = accuracy(model, data.x_test, data.y_test)
     meta = json.dumps({"config": asdict(config), "key": config.key(), "code_fingerprint": fingerprint,
@@ -234,4 +229,4 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, data: dat
                       indent=2, default=str)
     atomic_save(path, lambda file: torch.save(model.state_dict(), file))  # the sidecar last: it marks done
     atomic_save(meta_path, lambda file: file.write(meta.encode()))
-    return TrainedModel(model, config, acc, False, path, seconds, defense)
+    return TrainedModel(model, config, acc, False, path, seconds, hooks)

@@ -1,4 +1,4 @@
-"""Training defenses (dp_sgd, groupnorm_baseline, nopeek), the train() hook, the runner and the CLI."""
+"""Training defenses (dp_sgd, groupnorm_baseline, nopeek) as hooks of the one loop, the runner and the CLI."""
 import json
 import math
 import textwrap
@@ -16,7 +16,7 @@ from evaluation.cli import main
 from splitnn import ParameterError, TrainConfig, datasets, split, train
 from splitnn.datasets import Dataset
 from splitnn.split import max_split_error
-from splitnn.training import config_hash
+from splitnn.training import config_hash, fit
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +66,36 @@ def test_plain_configs_keep_their_checkpoint_hash():
     ({"name": "dp_sgd", "params": {"accountant": "moments"}}, None, "accountant"),
     ({"name": "nopeek", "params": {"alpha": -1.0}}, "layer1", "alpha"),
 ])
-def test_bad_training_defenses_fail_when_the_config_is_built(defense, cut, key):
+def test_bad_training_defenses_fail_when_their_hooks_are_built(defense, cut, key):
     with pytest.raises(ParameterError) as info:
-        TrainConfig("resnet20", "digits", defense=defense, cut=cut)
+        defenses.hooks_for(TrainConfig("resnet20", "digits", defense=defense, cut=cut))
     assert info.value.key == key
+
+
+def test_train_needs_the_hooks_its_config_names_and_only_those(tmp_path):
+    data = datasets.get("digits", size=8)
+    named = TrainConfig("resnet20", "digits", dataset_params=data.params, epochs=0, defense={"name": "nopeek"},
+                        cut="layer1")
+    with pytest.raises(ParameterError, match="nopeek") as info:
+        train(named, tmp_path, data=data, progress=False)  # without hooks it would be plain training
+    assert info.value.key == "hooks"
+    plain = TrainConfig("resnet20", "digits", dataset_params=data.params, epochs=0)
+    with pytest.raises(ParameterError) as info:  # hooks under a plain config's checkpoint name
+        train(plain, tmp_path, hooks=defenses.hooks_for(named), data=data, progress=False)
+    assert info.value.key == "hooks"
+    assert not (tmp_path / "models").exists()
+    trained = train(named, tmp_path, hooks=defenses.hooks_for(named), data=data, progress=False)
+    assert trained.hooks.cut == "layer1" and trained.hooks.seed == named.seed
 
 
 def test_dp_sgd_trains_a_groupnorm_model_within_its_budget(small_digits, tmp_path):
     config = TrainConfig("resnet20", "digits", dataset_params=small_digits.params, epochs=1, batch_size=128,
                          lr=0.1, defense={"name": "dp_sgd", "params": {"epsilon": 4.0, "delta": 1e-5}})
-    trained = train(config, tmp_path, data=small_digits, progress=False)
+    trained = train(config, tmp_path, hooks=defenses.hooks_for(config), data=small_digits, progress=False)
     modules = list(trained.model.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
     assert any(isinstance(m, nn.GroupNorm) for m in modules)
-    g, report = trained.defense.guarantee(), trained.defense.report
+    g, report = trained.hooks.guarantee(), trained.hooks.report
     # Opacus calibrates the noise so that the planned steps spend the target, to its search tolerance (0.01)
     assert 4.0 - 0.01 <= g["epsilon"] <= 4.0 and g["epsilon_target"] == 4.0
     # and the epsilon recorded is the RDP accounting of the noise, sampling rate and steps recorded beside it
@@ -99,8 +115,8 @@ def test_dp_sgd_trains_a_groupnorm_model_within_its_budget(small_digits, tmp_pat
     client, server = split(trained.model, "layer1")
     assert max_split_error(trained.model, client, server, small_digits.x_test[:4]) == 0.0
     # the cache brings back the same weights and the epsilon the accountant reached
-    again = train(config, tmp_path, data=small_digits, progress=False)
-    assert again.from_cache and again.defense.guarantee()["epsilon"] == g["epsilon"]
+    again = train(config, tmp_path, hooks=defenses.hooks_for(config), data=small_digits, progress=False)
+    assert again.from_cache and again.hooks.guarantee()["epsilon"] == g["epsilon"]
     assert json.loads(trained.path.with_suffix(".json").read_text())["defense_report"]["epsilon_spent"] == g["epsilon"]
 
 
@@ -113,7 +129,36 @@ def test_dp_sgd_fails_clearly_when_the_accountant_exceeds_the_target(monkeypatch
     model = dp.prepare_model(model)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 2, (64,))
     with pytest.raises(PrivacyBudgetExceeded, match="99"):
-        dp.train_model(model, x, y, TrainConfig("resnet20", "digits", batch_size=16), progress=False)
+        fit(model, x, y, epochs=3, lr=0.05, batch_size=16, weight_decay=0.0, seed=0, progress=False, hooks=dp)
+
+
+class _LearningRates:
+    """Records the learning rate of every step the loop takes, from inside its loss term."""
+
+    def wrap(self, model, optimizer, loader, *, epochs):
+        model, optimizer, loader = super().wrap(model, optimizer, loader, epochs=epochs)
+        self.optimizer, self.lrs = optimizer, []
+        return model, optimizer, loader
+
+    def loss_term(self, model, x, y, outputs):
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        return super().loss_term(model, x, y, outputs)
+
+
+def test_dp_sgd_and_its_baseline_train_with_the_same_loop_and_schedule():
+    """Both hook the one loop: the same number of steps and the same cosine learning rates at every step."""
+    spies = {}
+    for name in ("dp_sgd", "groupnorm_baseline"):
+        spy = type(f"Spy_{name}", (_LearningRates, defenses.defense_class(name)), {})()
+        model = spy.prepare_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                                nn.Linear(4 * 36, 2)))
+        x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 2, (64,))
+        fit(model, x, y, epochs=3, lr=0.1, batch_size=16, weight_decay=0.0, seed=0, progress=False, hooks=spy)
+        spies[name] = spy.lrs
+    steps = 3 * 4
+    cosine = [0.1 * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]
+    assert spies["dp_sgd"] == pytest.approx(cosine, rel=1e-6)
+    assert spies["groupnorm_baseline"] == pytest.approx(cosine, rel=1e-6)
 
 
 def test_groupnorm_baseline_is_the_same_architecture_without_dp():
@@ -131,14 +176,50 @@ def _resnet() -> nn.Module:
 def test_nopeek_lowers_distance_correlation_at_the_cut(small_digits, tmp_path):
     common = dict(model="resnet20", dataset="digits", dataset_params=small_digits.params, epochs=2, batch_size=64)
     plain = train(TrainConfig(**common), tmp_path, data=small_digits, progress=False)
-    nopeek = train(TrainConfig(**common, defense={"name": "nopeek", "params": {"alpha": 1.0}}, cut="layer1"),
-                   tmp_path, data=small_digits, progress=False)
+    config = TrainConfig(**common, defense={"name": "nopeek", "params": {"alpha": 1.0}}, cut="layer1")
+    nopeek = train(config, tmp_path, hooks=defenses.hooks_for(config), data=small_digits, progress=False)
     x = small_digits.x_test[:128]
     with torch.no_grad():
         d_plain = float(distance_correlation(x, split(plain.model, "layer1")[0](x)))
         d_nopeek = float(distance_correlation(x, split(nopeek.model, "layer1")[0](x)))
     assert d_nopeek < d_plain - 0.02, (d_plain, d_nopeek)
-    assert nopeek.defense.report["cut"] == "layer1" and nopeek.defense.guarantee() == {}
+    assert nopeek.hooks.report["cut"] == "layer1" and nopeek.hooks.guarantee() == {}
+    assert 0 < nopeek.hooks.report["final_epoch_dcor"] < 1
+
+
+TRAINING = sorted(n for n in defenses.names() if defenses.defense_class(n).kind == "training")
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINING if defenses.defense_class(n).strength_zero is not None])
+def test_a_training_defense_at_strength_zero_trains_the_plain_model(name):
+    """Read from the class: the same weights (and BatchNorm statistics) as the loop without hooks."""
+    data = datasets.get("digits", size=8)
+    x, y = data.x_train[:96], data.y_train[:96]
+    trained = []
+    for hooks in (None, defenses.hooks_for(TrainConfig("resnet20", "digits", cut="layer1", defense={
+            "name": name, "params": dict(defenses.defense_class(name).strength_zero)}))):
+        torch.manual_seed(0)
+        model = _resnet()
+        model = hooks.prepare_model(model) if hooks is not None else model
+        fit(model, x, y, epochs=1, lr=0.05, batch_size=32, weight_decay=5e-4, seed=0, progress=False, hooks=hooks)
+        trained.append(model.state_dict())
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def test_strength_zero_is_a_real_switch_for_nopeek():
+    """The check above would catch a penalty that stayed on: with alpha > 0 the weights differ."""
+    data = datasets.get("digits", size=8)
+    x, y = data.x_train[:96], data.y_train[:96]
+    states = []
+    for alpha in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = _resnet()
+        hooks = defenses.hooks_for(TrainConfig("resnet20", "digits", cut="layer1",
+                                               defense={"name": "nopeek", "params": {"alpha": alpha}}))
+        fit(model, x, y, epochs=1, lr=0.05, batch_size=32, weight_decay=5e-4, seed=0, progress=False, hooks=hooks)
+        states.append(model.state_dict())
+    assert not all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 # ---------------------------------------------------------------- runner, YAML and CLI
@@ -193,7 +274,7 @@ def test_defenses_yaml_is_valid_and_covers_every_defense_at_two_strengths():
     for spec in config.defenses:
         used[spec["name"]] = used.get(spec["name"], 0) + 1
     for name in defenses.names():
-        if name not in ("none", "groupnorm_baseline"):
+        if not defenses.defense_class(name).baseline:
             assert used.get(name, 0) >= 2, name
     assert {a["name"] for a in config.attacks} == {"peel", "rmle"}
 

@@ -9,17 +9,9 @@ import defenses
 from defenses.noise import analytic_gaussian_sigma, classic_gaussian_sigma, gaussian_delta
 from splitnn import ParameterError
 
-#: The parameters at which each transform defense does nothing (its strength 0).
-STRENGTH_ZERO = {
-    "none": {},
-    "gaussian_noise": {"scale": 0.0},
-    "laplace_noise": {"scale": 0.0},
-    "feature_dp": {"epsilon": math.inf, "clip": math.inf},
-    "quantization": {"bits": None},
-    "topk": {"keep": 1.0},
-    "dropout": {"p": 0.0},
-    "pruning": {"ratio": 0.0},
-}
+#: The parameters at which each transform defense does nothing (its strength 0), as each class declares them.
+STRENGTH_ZERO = {n: defenses.defense_class(n).strength_zero for n in defenses.names()
+                 if defenses.defense_class(n).kind == "transform"}
 
 #: Each transform defense from weak to strong.
 LADDERS = {
@@ -38,9 +30,18 @@ def features(n: int = 32) -> torch.Tensor:
     return torch.randn(n, 16, 8, 8, generator=torch.Generator().manual_seed(1)).relu() * 3
 
 
-def test_every_transform_defense_has_a_strength_zero():
-    transforms = {n for n in defenses.names() if defenses.defense_class(n).kind == "transform"}
-    assert transforms == set(STRENGTH_ZERO)
+def test_every_transform_defense_declares_a_strength_zero_of_its_own_parameters():
+    assert {"none", "gaussian_noise", "feature_dp", "pruning"} <= set(STRENGTH_ZERO)
+    for name, zero in STRENGTH_ZERO.items():
+        assert zero is not None, name
+        assert set(zero) <= set(defenses.defense_class(name).declared()), name
+        defenses.get(name, **zero)  # valid parameters
+
+
+def test_a_wrong_strength_zero_would_be_caught():
+    """The identity check below fails for a declaration that is not the identity (noise left on)."""
+    f = features()
+    assert not torch.equal(defenses.get("gaussian_noise", scale=0.1)(f), f)
 
 
 @pytest.mark.parametrize("name", sorted(STRENGTH_ZERO))

@@ -1,0 +1,81 @@
+"""What consumers read from a defense class (its kind, baseline, strength zero), and the one-way import from
+splitnn: splitnn trains with hooks and imports nothing of defenses, attacks or evaluation."""
+import ast
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import defenses
+from defenses.base import FeatureDefense, TrainingDefense
+from evaluation.tables import best_rows, matrix_table
+from splitnn.hooks import TrainingHooks
+
+ROOT = Path(__file__).resolve().parents[1]
+UPPER = ("defenses", "attacks", "evaluation")
+
+
+def test_kind_is_the_base_class():
+    for name in defenses.names():
+        cls = defenses.defense_class(name)
+        assert issubclass(cls, FeatureDefense) != issubclass(cls, TrainingDefense), name
+        assert cls.kind == ("transform" if issubclass(cls, FeatureDefense) else "training"), name
+    assert issubclass(TrainingDefense, TrainingHooks)
+    assert defenses.defense_class("dp_sgd").kind == "training" and defenses.defense_class("topk").kind == "transform"
+
+
+def test_a_defense_cannot_set_its_own_kind():
+    with pytest.raises(TypeError, match="FeatureDefense or TrainingDefense"):
+        type("Odd", (FeatureDefense,), {"kind": "training"})
+
+
+def test_training_defenses_pass_features_unchanged_at_inference():
+    f = torch.randn(4, 8, 3, 3)
+    for name in ("dp_sgd", "groupnorm_baseline", "nopeek"):
+        assert torch.equal(defenses.get(name)(f), f)
+
+
+def test_baselines_are_declared_on_the_class():
+    assert {n for n in defenses.names() if defenses.defense_class(n).baseline} == {"none", "groupnorm_baseline"}
+
+
+def _cell(defense, accuracy, psnr):
+    return {"key": defense, "status": "done", "dataset": "digits", "model": "resnet20", "cut": "layer1", "seed": 0,
+            "defense": defense, "defense_params": "{}", "attack": "peel", "attack_params": "{}",
+            "accuracy": accuracy, "psnr": psnr, "attack_top1": 0.5, "guarantee_json": "{}", "current": True}
+
+
+def test_groupnorm_baseline_never_competes_for_best_defense():
+    """It leaks least here, yet it is the undefended GroupNorm reference: dp_sgd is marked instead."""
+    frame = pd.DataFrame([_cell("none", 0.90, 60.0), _cell("groupnorm_baseline", 0.88, 10.0),
+                          _cell("dp_sgd", 0.87, 12.0)])
+    table = matrix_table(frame)
+    best = best_rows(table)["peel: PSNR (dB)"]
+    assert [table.loc[i, "defense"] for i in best] == ["dp_sgd"]
+
+
+def _imports(source: str) -> set[str]:
+    """Every module a source imports, at any depth (in functions and TYPE_CHECKING blocks too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _upward(source: str) -> set[str]:
+    return {m for m in _imports(source) if m.split(".")[0] in UPPER}
+
+
+def test_splitnn_imports_nothing_of_defenses_attacks_or_evaluation():
+    found = {path.name: _upward(path.read_text()) for path in (ROOT / "splitnn").glob("*.py")}
+    assert {name: mods for name, mods in found.items() if mods} == {}
+
+
+def test_the_import_check_catches_an_injected_upward_import():
+    injected = (ROOT / "splitnn" / "training.py").read_text() + \
+        "\n\ndef build():\n    import defenses\n    from attacks.base import Attack\n"
+    assert _upward(injected) == {"defenses", "attacks.base"}
