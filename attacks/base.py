@@ -1,26 +1,18 @@
 """The Attack base: what an attacker knows, which cells it applies to, and what it returns."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from contracts import AttackContext, Knowledge, PublicDefense
 from splitnn.params import Declared
 
-
-class Knowledge(str, Enum):
-    """What an attacker is assumed to know besides the features it receives."""
-
-    CLIENT_WEIGHTS = "client_weights"   # white-box: the client half's architecture and weights
-    AUXILIARY_DATA = "auxiliary_data"   # samples from the same distribution as the private data
-    QUERY_ACCESS = "query_access"       # can run the client half on inputs of its choice
-    DEFENSE = "defense"                 # knows the defense's kind and public parameters
-    SERVER_WEIGHTS = "server_weights"   # holds the server half (an honest-but-curious server does)
+__all__ = ["Attack", "AttackContext", "BUDGET_KEYS", "Dtype", "Evaluations", "Knowledge", "PublicDefense",
+           "Reconstruction", "budget"]
 
 
 @dataclass
@@ -34,30 +26,6 @@ class Reconstruction:
     #: the recovered input of every stage of the client, input side first (PEEL's block-wise chain, in the
     #: solver's dtype), so the evaluator can score each block against the truth afterwards
     intermediates: list[torch.Tensor] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PublicDefense:
-    """What a defense-aware attacker knows of the defense: its name, kind and public parameters.
-
-    Never the defense object itself, whose random stream would let an attacker replay the exact noise.
-    """
-
-    name: str
-    kind: str
-    params: dict[str, Any] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:  # a copy: nothing the attacker does reaches the defense's own parameters
-        object.__setattr__(self, "params", copy.deepcopy(dict(self.params)))
-
-    @classmethod
-    def of(cls, defense: Any) -> "PublicDefense":
-        """The public view of a Defense (``None``: no defense); a PublicDefense is returned as it is."""
-        if isinstance(defense, PublicDefense):
-            return defense
-        if defense is None:
-            return cls("none", "transform", {})
-        return cls(str(defense.name), str(defense.kind), dict(defense.params))
 
 
 #: The keys of ``diagnostics["budget"]``, the same for every attack (means over samples where per sample).
@@ -86,39 +54,27 @@ class Attack(Declared):
     constructor's annotated signature (``splitnn.params``), and ``params`` lists them."""
 
     name: ClassVar[str] = "attack"
-    knowledge: ClassVar[frozenset[Knowledge]] = frozenset()
+    #: What every instance knows; ``knowledge`` adds what its parameters add (e.g. PEEL's ``adaptive``).
+    base_knowledge: ClassVar[frozenset[Knowledge]] = frozenset()
+    #: Whether ``Reconstruction.intermediates`` holds every stage's recovered input, so the evaluator scores
+    #: each block against the truth (PEEL's chain) and the depth figure plots it.
+    reports_block_errors: ClassVar[bool] = False
+
+    @property
+    def knowledge(self) -> frozenset[Knowledge]:
+        """What this attack, with these parameters, knows: the context the runner grants it."""
+        return self.base_knowledge
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         """Whether this attack makes sense against ``client`` behind ``defense``, and if not, why."""
         return True, ""
 
-    def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
-        """Recover the client's inputs from ``features``. ``ctx`` carries e.g. ``image_shape``, ``defense``
-        (a ``PublicDefense``), never the true images. ``diagnostics["budget"]`` says what it spent."""
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+        """Recover the client's inputs from ``features``. ``context`` holds what the attack's knowledge grants
+        (``context.require(..., by=self)`` reads a field or says what is missing), never the true images.
+        ``diagnostics["budget"]`` says what it spent."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
-
-
-def require_image_shape(ctx: dict[str, Any]) -> tuple[int, int, int]:
-    """``image_shape`` from the context. Every attack reads it first, so this is also where a context that
-    carries the true images is refused: no attacker has them (the evaluator scores the result afterwards)."""
-    if "truth" in ctx:
-        raise TypeError("reconstruct() got truth=: the true images never reach an attack; score the "
-                        "reconstruction afterwards (e.g. attacks.peel.stage_input_errors for PEEL's blocks)")
-    shape = ctx.get("image_shape")
-    if shape is None or len(shape) != 3:
-        raise ValueError("reconstruct() needs image_shape=(C, H, W) of the client's input")
-    return tuple(int(s) for s in shape)  # type: ignore[return-value]
-
-
-def require_context(ctx: dict[str, Any], attack: str, *names: str) -> list[Any]:
-    """The named context entries, or a clear error saying what the attack needs and why."""
-    missing = [n for n in names if ctx.get(n) is None]
-    if missing:
-        raise ValueError(f"{attack} needs {', '.join(missing)} in reconstruct(...) (auxiliary=(images, labels), "
-                         "query=images -> defended features, server=the server half); the runner passes them "
-                         "by the attack's declared knowledge")
-    return [ctx[n] for n in names]

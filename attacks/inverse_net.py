@@ -4,13 +4,13 @@ box and never reads the client's weights."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, budget, require_context, require_image_shape
+from attacks.base import Attack, AttackContext, Knowledge, Reconstruction, budget
 from attacks.cache import cached_module
 from attacks.registry import register
 from splitnn.params import Count, Positive, PositiveCount, Seed
@@ -58,7 +58,7 @@ class InverseNet(Attack):
     Cached on disk per (model, cut, defense, seed, attack parameters) when the runner identifies them.
     """
 
-    knowledge = frozenset({Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS})
+    base_knowledge = frozenset({Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS})
 
     def __init__(self, hidden: PositiveCount = 64, epochs: Count = 15, lr: Positive = 5e-3,
                  batch_size: PositiveCount = 32, seed: Seed = 0):
@@ -86,17 +86,17 @@ class InverseNet(Attack):
             losses.append(total / len(images))
         return losses
 
-    def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
-        shape = require_image_shape(ctx)
-        (aux_images, _labels), query = require_context(ctx, self.name, "auxiliary", "query")
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+        shape = context.require("image_shape", by=self)
+        (aux_images, _labels), query = context.require("auxiliary", "query", by=self)
         start = time.perf_counter()
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             decoder = Decoder(tuple(features.shape[1:]), shape, self.hidden)
         losses: list[float] = []
-        key = None if ctx.get("cache_key") is None else {
-            "attack": self.name, **self.params, "context": ctx["cache_key"], "features": list(features.shape[1:])}
-        decoder, from_cache = cached_module(decoder, self.name, key, ctx.get("cache_dir"),
+        key = None if context.cache_key is None else {
+            "attack": self.name, **self.params, "context": context.cache_key, "features": list(features.shape[1:])}
+        decoder, from_cache = cached_module(decoder, self.name, key, context.cache_dir,
                                             lambda d: losses.extend(self.train_decoder(d, aux_images, query)))
         with torch.no_grad():
             images = decoder.eval()(features.float()).to(features.dtype)

@@ -10,11 +10,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from attacks.base import Attack, Dtype, Evaluations, Knowledge, Reconstruction, budget, require_image_shape
+from attacks.base import Attack, AttackContext, Dtype, Evaluations, Knowledge, Reconstruction, budget
 from attacks.optim import END_TO_END_HISTORY, fit_from_starts, relative_residual
 from attacks.peel.chain import chain, end_to_end_loss
 from attacks.peel.stages import UnsupportedLayerError, build_stages, extract_stages
-from attacks.priors import Forward, Loss, total_variation
+from attacks.priors import Forward, Loss, tv_prior
 from attacks.registry import register
 from splitnn.errors import ParameterError, check_choice, check_number
 from splitnn.params import Seconds
@@ -68,7 +68,7 @@ class RMLE(Attack):
     ``max_seconds`` the wall time. ``iterations`` caps each start's L-BFGS iterations.
     """
 
-    knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
+    base_knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
 
     def __init__(self, iterations: Annotated[int, Field(ge=1, le=10 ** 6)] = 500,
                  tv_weight: Annotated[float, Field(ge=0, le=1e6)] = 0.03, starts: Any = ("grey",),
@@ -101,8 +101,8 @@ class RMLE(Attack):
             p.requires_grad_(False)
         return model, None
 
-    def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
-        shape = require_image_shape(ctx)
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+        shape = context.require("image_shape", by=self)
         dtype = getattr(torch, self.dtype)
         start = time.perf_counter()
         target = features.detach().to(dtype)
@@ -110,7 +110,7 @@ class RMLE(Attack):
         names = [kind if self.starts.count(kind) == 1 else f"{kind}{i}" for i, kind in enumerate(self.starts)]
         starts = {name: start_image(kind, i, target, shape, self.seed, dtype)
                   for i, (name, kind) in enumerate(zip(names, self.starts))}
-        regulariser = (lambda x: self.tv_weight * total_variation(x)) if self.tv_weight > 0 else None
+        regulariser = tv_prior(self.tv_weight)
         fit = fit_from_starts(forward, target, starts, max_evals=self.max_evaluations, max_seconds=self.max_seconds,
                               lower=0.0, upper=1.0, max_iter=self.iterations, regulariser=regulariser,
                               data_loss=data_loss, history=END_TO_END_HISTORY)

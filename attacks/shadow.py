@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, Knowledge, Reconstruction, require_context, require_image_shape
+from attacks.base import Attack, AttackContext, Knowledge, Reconstruction
 from attacks.cache import cached_module
 from attacks.peel import PEEL
 from attacks.registry import register
@@ -81,7 +81,7 @@ class Shadow(Attack):
     half, since this attacker does not see it) and the attack's training parameters.
     """
 
-    knowledge = frozenset({Knowledge.SERVER_WEIGHTS, Knowledge.AUXILIARY_DATA})
+    base_knowledge = frozenset({Knowledge.SERVER_WEIGHTS, Knowledge.AUXILIARY_DATA})
 
     def __init__(self, inverter: Literal["rmle", "peel"] = "rmle", epochs: Count = 10, lr: Positive = 0.05,
                  batch_size: PositiveCount = 64, iterations: PositiveCount = 300, tv_weight: NonNegative = 0.0,
@@ -105,10 +105,10 @@ class Shadow(Attack):
         fit(shadow, images, labels, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=5e-4,
             seed=self.seed, progress=False, loss=lambda m, x, y: F.cross_entropy(frozen(m(x)), y))
 
-    def _key(self, ctx: dict[str, Any]) -> dict[str, Any] | None:
+    def _key(self, context: AttackContext) -> dict[str, Any] | None:
         """The cache key: the runner's ``cache_key`` (it names the defense, as a hash, only when the granted
         server half depends on it: a fitted defense may fine-tune it) and the training parameters."""
-        key = ctx.get("cache_key")
+        key = context.cache_key
         if key is None:
             return None
         return {"attack": self.name, **{k: v for k, v in self.params.items() if k in self._training_params},
@@ -116,19 +116,19 @@ class Shadow(Attack):
 
     _training_params = ("epochs", "lr", "batch_size", "seed")
 
-    def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
-        shape = require_image_shape(ctx)
-        (aux_images, aux_labels), server = require_context(ctx, self.name, "auxiliary", "server")
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+        shape = context.require("image_shape", by=self)
+        (aux_images, aux_labels), server = context.require("auxiliary", "server", by=self)
         start = time.perf_counter()
         shadow, from_cache = cached_module(
-            fresh_copy(client, self.seed), self.name, self._key(ctx), ctx.get("cache_dir"),
+            fresh_copy(client, self.seed), self.name, self._key(context), context.cache_dir,
             lambda s: self.train_shadow(s, server, aux_images, aux_labels))
         shadow.eval()
         with torch.no_grad():
             aux_accuracy = float((server(shadow(aux_images)).argmax(1) == aux_labels).float().mean())
         inverter: Attack = (RMLE(iterations=self.iterations, tv_weight=self.tv_weight) if self.inverter == "rmle"
                             else PEEL(max_iter=50, refine_iter=self.iterations, tv_weight=self.tv_weight))
-        recon = inverter.reconstruct(shadow, features, image_shape=shape)
+        recon = inverter.reconstruct(shadow, features, AttackContext(image_shape=shape))  # white-box on the shadow
         seconds = time.perf_counter() - start
         recon.diagnostics = {"inverter": recon.diagnostics, "from_cache": from_cache,
                              "shadow_auxiliary_accuracy": aux_accuracy, "seconds": seconds}

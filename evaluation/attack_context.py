@@ -11,7 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from attacks.base import Attack, Knowledge, PublicDefense
+from attacks.base import Attack
+from contracts import GRANTS, AttackContext, Knowledge, PublicDefense
 from defenses.base import Defense
 from splitnn.datasets import Dataset
 from splitnn.training import config_hash
@@ -64,19 +65,15 @@ def attack_cache_key(attack: Attack, defense: Defense, defense_spec: dict[str, A
 
 
 def attack_context(attack: Attack, *, data: Dataset, client: nn.Module, server: nn.Module, defense: Defense,
-                   seed: int, cache_dir: str | None, cache_key: dict[str, Any]) -> dict[str, Any]:
-    """Everything ``reconstruct`` gets besides the features, in one place, granted by declared knowledge:
-    ``image_shape`` always; ``defense`` (a ``PublicDefense``: kind and public parameters, never the object and
-    its random stream) with DEFENSE; ``auxiliary`` (images, labels) with AUXILIARY_DATA; ``query`` (images ->
-    defended features) with QUERY_ACCESS; ``server`` (the server half) with SERVER_WEIGHTS; and ``cache_dir`` /
-    ``cache_key`` (what identifies model, cut, defense and seed, for attack caches). Never the true images."""
-    ctx: dict[str, Any] = {"image_shape": data.shape, "cache_dir": cache_dir, "cache_key": cache_key}
-    if Knowledge.DEFENSE in attack.knowledge:
-        ctx["defense"] = PublicDefense.of(defense)
-    if Knowledge.AUXILIARY_DATA in attack.knowledge:
-        ctx["auxiliary"] = auxiliary_split(data, seed)
-    if Knowledge.QUERY_ACCESS in attack.knowledge:
-        ctx["query"] = query_oracle(client, defense, seed)
-    if Knowledge.SERVER_WEIGHTS in attack.knowledge:
-        ctx["server"] = server
-    return ctx
+                   seed: int, cache_dir: str | None, cache_key: dict[str, Any]) -> AttackContext:
+    """Everything ``reconstruct`` gets besides the features, in one place, granted by declared knowledge
+    (``contracts.GRANTS``): ``image_shape``, ``cache_dir`` and ``cache_key`` (what identifies model, cut,
+    defense and seed, for attack caches) always; ``defense`` (a ``PublicDefense``: class, kind and public
+    parameters, never the object and its random stream) with DEFENSE; ``auxiliary`` (images, labels) with
+    AUXILIARY_DATA; ``query`` (images -> defended features) with QUERY_ACCESS; ``server`` (the server half)
+    with SERVER_WEIGHTS. What is not granted is absent (None); the true images have no field."""
+    provide: dict[str, Callable[[], Any]] = {
+        "defense": lambda: PublicDefense.of(defense), "auxiliary": lambda: auxiliary_split(data, seed),
+        "query": lambda: query_oracle(client, defense, seed), "server": lambda: server}
+    granted = {name: provide[name]() for name, knowledge in GRANTS.items() if knowledge in attack.knowledge}
+    return AttackContext(image_shape=data.shape, cache_dir=cache_dir, cache_key=cache_key, **granted)

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+import attacks  # noqa: E402
 from evaluation.metrics import IMAGE_METRICS  # noqa: E402
 from evaluation.store import current_rows  # noqa: E402
 from evaluation.tables import (ROW_GROUPS, distinguishing_params, matrix_table, missing_text,  # noqa: E402
@@ -129,6 +130,11 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
     return save(fig, stem)
 
 
+def _reports_block_errors(attack: str) -> bool:
+    """Whether the attack registered as ``attack`` declares per-block errors (``Attack.reports_block_errors``)."""
+    return attack in attacks.names() and attacks.attack_class(attack).reports_block_errors
+
+
 def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     """PEEL's relative error of each block's recovered input along the client, input to cut, one line per PEEL
     cell: ``diagnostics.attack.true_input_errors``, which the runner computes from the true images after the
@@ -136,7 +142,7 @@ def peel_depth_profile(cells: pd.DataFrame, stem: str | Path) -> list[Path]:
     cells = current_rows(cells)
     lines = []
     several_models = "model" in cells and cells["model"].nunique() > 1
-    peel = cells[(cells["attack"] == "peel") & (cells["status"] == "done")]
+    peel = cells[cells["attack"].map(_reports_block_errors).astype(bool) & (cells["status"] == "done")]
     variants = variant_labels(peel, "attack", "attack_params")  # e.g. the paper solver beside the default one
     strengths = distinguishing_params(peel, "defense", "defense_params")
     for i, c in peel.iterrows():

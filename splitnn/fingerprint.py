@@ -20,7 +20,7 @@ from typing import Iterable
 #: The distributions whose installed versions enter every fingerprint (an absent one counts as absent).
 PACKAGES = ("torch", "torchvision", "torchmetrics", "scikit-image", "piq", "opacus", "captum", "numpy", "scipy")
 #: The project's packages: imports of these are followed; anything else is covered by the versions.
-PROJECT = ("splitnn", "defenses", "attacks", "evaluation")
+PROJECT = ("contracts", "splitnn", "defenses", "attacks", "evaluation")
 #: The directory that holds the project's packages.
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,10 +109,11 @@ class _Walk:
         if name in self.texts:
             return
         found = self._locate(name)
-        self.texts[name] = found[0].read_text() if found else None
+        text = found[0].read_text() if found else None
+        self.texts[name] = text
         self.is_package[name] = bool(found and found[1])
-        if found:
-            self.trees[name] = ast.parse(self.texts[name], filename=str(found[0]))
+        if found and text is not None:
+            self.trees[name] = ast.parse(text, filename=str(found[0]))
 
     def _parents(self, name: str) -> None:
         """Importing ``a.b.c`` runs ``a`` and ``a.b``: their ``__init__`` texts count."""

@@ -1,14 +1,16 @@
 """Defense-aware PEEL (``attacks.get("peel", adaptive=True)``): at least as good as plain PEEL against every
-transform defense, strictly better against noise, plain PEEL against a defense it does not know."""
+transform defense, strictly better against noise, plain PEEL against a defense without a registered reader."""
 import pytest
 import torch
 
 import attacks
 import defenses
 from attack_fixtures import digits16, psnr, trained_split
-from attacks.base import Knowledge, PublicDefense
-from attacks.peel.adaptive import read_defense
-from defenses.base import Defense
+from attacks.base import AttackContext, Knowledge, PublicDefense
+from attacks.peel.readers import read_defense
+from attacks.peel import Masked, Noisy, register_reader
+from attacks.peel.readers import _readers
+from defenses import base as defense_base
 from splitnn.errors import ParameterError
 
 BUDGET = {"max_iter": 30, "refine_iter": 150}
@@ -28,9 +30,8 @@ def _both(setting, defense):
     with torch.no_grad():
         features = defense(client(x))
     public = PublicDefense.of(defense)
-    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=public)
-    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, image_shape=data.shape,
-                                                                        defense=public)
+    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
+    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
     return psnr(plain.images, x), psnr(adaptive.images, x), adaptive
 
 
@@ -50,7 +51,11 @@ def test_adaptive_peel_is_at_least_as_good_against_transforms(setting, name, par
     assert adaptive >= plain - 0.05, (plain, adaptive)  # equal up to solver round-off where nothing changes
 
 
-class _Mystery(Defense):
+#: The base of a feature defense (``FeatureDefense`` once the defenses have two bases; ``Defense`` before).
+FeatureBase = getattr(defense_base, "FeatureDefense", defense_base.Defense)
+
+
+class _Mystery(FeatureBase):
     """A transform PEEL has no model of."""
 
     name = "mystery"
@@ -65,12 +70,60 @@ def test_unknown_defense_is_plain_peel_and_says_so(setting):
     with torch.no_grad():
         features = defense(client(x))
     public = PublicDefense.of(defense)
-    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, image_shape=data.shape, defense=public)
-    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, image_shape=data.shape,
-                                                                        defense=public)
+    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
+    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
     assert torch.equal(plain.images, adaptive.images)
     assert adaptive.diagnostics["adaptive"]["model"] == "unknown"
-    assert "plain PEEL" in adaptive.diagnostics["adaptive"]["note"]
+    assert "plain PEEL" in adaptive.diagnostics["adaptive"]["note"] and "_Mystery" in adaptive.diagnostics[
+        "adaptive"]["note"]
+
+
+class _HalfMasked(FeatureBase):
+    """A third-party defense: it zeroes the second half of the channels and says so, with its own reader."""
+
+    name = "half_masked"
+
+    def transform(self, features):
+        keep = torch.arange(features.shape[1]) < features.shape[1] // 2
+        return features * keep.view(1, -1, *([1] * (features.dim() - 2)))
+
+
+@pytest.fixture
+def half_masked_reader():
+    @register_reader(_HalfMasked)  # registered beside the defense, keyed by its class
+    def read(defense, observed):
+        keep = torch.arange(observed.shape[1]) < observed.shape[1] // 2
+        mask = keep.view(1, -1, *([1] * (observed.dim() - 2))).expand_as(observed)
+        return Masked(observed, defense.name, "the first half of the channels", mask=mask)
+    yield read
+    _readers.pop(_HalfMasked, None)
+
+
+def test_a_third_party_defense_registers_its_reader_beside_itself(setting, half_masked_reader):
+    data, client, _, x = setting
+    defense = _HalfMasked()
+    with torch.no_grad():
+        features = defense(client(x[:2]))
+    context = AttackContext(image_shape=data.shape, defense=defense)
+    few = {"max_iter": 10, "refine_iter": 20}
+    aware = attacks.get("peel", adaptive=True, **few).reconstruct(client, features, context)
+    assert aware.diagnostics["adaptive"]["model"] == "masked"
+    assert aware.diagnostics["adaptive"]["note"] == "the first half of the channels"
+    assert aware.diagnostics["stages"][-1]["kind"] == "adaptive masked"  # the cut is fitted on what it released
+    del _readers[_HalfMasked]  # without its reader the same defense is plain PEEL, and the row says so
+    plain = attacks.get("peel", adaptive=True, **few).reconstruct(client, features, context)
+    assert plain.diagnostics["adaptive"]["model"] == "unknown"
+    assert not torch.equal(plain.images, aware.images)
+    _readers[_HalfMasked] = half_masked_reader
+
+
+def test_a_subclass_is_read_by_its_base_class_reader():
+    class Louder(defenses.noise.GaussianNoise):
+        name = "louder"
+    observed = torch.rand(2, 4, 3, 3)
+    reading = attacks.peel.read_defense(PublicDefense.of(Louder(scale=0.2)), observed)
+    assert isinstance(reading, Noisy) and reading.defense == "louder"
+    assert attacks.peel.reader_for(Louder) is attacks.peel.reader_for(defenses.noise.GaussianNoise)
 
 
 def test_the_readings_hold_the_clean_features(setting):
@@ -113,13 +166,14 @@ def test_adaptive_peel_never_reaches_the_defense_random_state(setting):
     with pytest.raises(TypeError, match="PublicDefense"):
         read_defense(defense, features)
     peel = attacks.get("peel", adaptive=True, max_iter=5, refine_iter=5)
-    rec = peel.reconstruct(client, features, image_shape=data.shape, defense=defense)  # converted at the boundary
+    rec = peel.reconstruct(client, features, AttackContext(image_shape=data.shape, defense=defense))  # converted at the boundary
     assert rec.diagnostics["adaptive"]["model"] == "noise"
 
 
 def test_adaptive_knowledge_and_parameters():
     assert Knowledge.DEFENSE in attacks.get("peel", adaptive=True).knowledge
     assert Knowledge.DEFENSE not in attacks.get("peel").knowledge  # the class keeps plain PEEL's knowledge
+    assert Knowledge.DEFENSE not in attacks.PEEL.base_knowledge
     with pytest.raises(ParameterError, match="adaptive"):
         attacks.get("peel", adaptive="yes")
     with pytest.raises(ParameterError, match="tv_prior"):

@@ -1,6 +1,7 @@
 """The runner passes attacks what their declared knowledge entitles them to, and marks cells whose attack
 needs knowledge the defense denies as not applicable (from the declaration, not by running them)."""
 import textwrap
+from dataclasses import fields
 
 import pytest
 import torch
@@ -8,14 +9,24 @@ import torch
 import attacks
 import defenses
 from attack_fixtures import digits16
-from attacks.base import BUDGET_KEYS, Knowledge, PublicDefense
-from defenses.base import Defense
+from attacks.base import BUDGET_KEYS, AttackContext, Knowledge, PublicDefense
+from contracts import GRANTS, MissingContext
+from defenses import base as defense_base
 from evaluation import Matrix, ResultStore, load_config
 from evaluation.attack_context import attack_context, auxiliary_split, denied, query_oracle
 from splitnn import split, zoo
 
 
-class SecretKeyDefense(Defense):
+#: The base of a feature defense (``FeatureDefense`` once the defenses have two bases; ``Defense`` before).
+FeatureBase = getattr(defense_base, "FeatureDefense", defense_base.Defense)
+
+
+def present(context: AttackContext) -> set[str]:
+    """The context's fields that are there (not None)."""
+    return {f.name for f in fields(context) if getattr(context, f.name) is not None}
+
+
+class SecretKeyDefense(FeatureBase):
     """A client whose weights are keyed by a secret: white-box attackers do not get them."""
 
     denies = frozenset({Knowledge.CLIENT_WEIGHTS})
@@ -75,15 +86,15 @@ def test_context_follows_knowledge_and_auxiliary_data_is_half_the_training_set()
     data = digits16()
     client, server = split(zoo.get("resnet20").eval(), "layer1")
     noise = defenses.get("gaussian_noise", scale=0.5)
-    common = dict(data=data, client=client, server=server, defense=noise, seed=0, cache_dir=None, cache_key={})
-    assert set(attack_context(attacks.get("rmle"), **common)) == {"image_shape", "cache_dir", "cache_key"}
-    black_box = attack_context(attacks.get("inverse_net"), **common)
-    assert {"auxiliary", "query"} <= set(black_box) and not {"server", "defense"} & set(black_box)
-    query_free = attack_context(attacks.get("shadow"), **common)
-    assert {"auxiliary", "server"} <= set(query_free) and "query" not in query_free
-    assert "defense" not in attack_context(attacks.get("peel"), **common)
-    aware = attack_context(attacks.get("peel", adaptive=True), **common)["defense"]
-    assert aware == PublicDefense("gaussian_noise", "transform", {"scale": 0.5, "relative": True})
+    common = dict(data=data, client=client, server=server, defense=noise, seed=0, cache_dir="c", cache_key={})
+    assert present(attack_context(attacks.get("rmle"), **common)) == {"image_shape", "cache_dir", "cache_key"}
+    assert present(attack_context(attacks.get("inverse_net"), **common)) == {"image_shape", "cache_dir", "cache_key",
+                                                                             "auxiliary", "query"}
+    assert present(attack_context(attacks.get("shadow"), **common)) == {"image_shape", "cache_dir", "cache_key",
+                                                                        "auxiliary", "server"}
+    assert attack_context(attacks.get("peel"), **common).defense is None
+    aware = attack_context(attacks.get("peel", adaptive=True), **common).defense
+    assert aware == PublicDefense("gaussian_noise", "transform", {"scale": 0.5, "relative": True}, type(noise))
     assert not hasattr(aware, "generator")  # the kind and public parameters, never the random stream
 
     images, labels = auxiliary_split(data, seed=0)
@@ -118,10 +129,59 @@ def test_every_attack_records_its_budget_with_the_same_keys(name):
     attack = attacks.get(name, **small.get(name, {}))
     context = attack_context(attack, data=data, client=client, server=server, defense=defenses.get("none"), seed=0,
                              cache_dir=None, cache_key={})
-    spent = attack.reconstruct(client, features, **context).diagnostics["budget"]
+    spent = attack.reconstruct(client, features, context).diagnostics["budget"]
     assert tuple(spent) == BUDGET_KEYS
     assert spent["seconds"] > 0 and len(spent["end_to_end_evaluations_per_sample"]) == len(x)
     assert spent["end_to_end_evaluations"] == sum(spent["end_to_end_evaluations_per_sample"]) / len(x)
     if name in ("rmle", "peel", "shadow"):  # shadow inverts its own client with rMLE
         assert spent["end_to_end_evaluations"] >= spent["end_to_end_iterations"] > 0
     assert (spent["blockwise_evaluations"] > 0) == (name == "peel")
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_every_field_an_attack_reads_is_granted_by_its_knowledge(name):
+    """The runner grants exactly the fields of the declared knowledge; an attack reading one it does not declare
+    is refused, and an absent required field is a clear error naming it and the knowledge that grants it."""
+    data = digits16()
+    client, server = split(zoo.get("resnet20").eval(), "layer1")
+    attack = attacks.get(name)
+    context = attack_context(attack, data=data, client=client, server=server, defense=defenses.get("none"), seed=0,
+                             cache_dir=None, cache_key={})
+    granted = {field for field, knowledge in GRANTS.items() if knowledge in attack.knowledge}
+    assert present(context) & set(GRANTS) == granted
+    for field, knowledge in GRANTS.items():
+        if knowledge in attack.knowledge:
+            with pytest.raises(MissingContext, match=f"{field}=.*Knowledge.{knowledge.name}"):
+                AttackContext(image_shape=data.shape).require(field, by=attack)
+        else:
+            with pytest.raises(TypeError, match=f"{name} reads {field} without declaring"):
+                context.require(field, by=attack)
+
+
+def test_knowledge_is_a_property_of_the_parameters():
+    peel = attacks.attack_class("peel")
+    assert attacks.get("peel", adaptive=True).knowledge == {Knowledge.CLIENT_WEIGHTS, Knowledge.DEFENSE}
+    assert attacks.get("peel").knowledge == peel.base_knowledge == {Knowledge.CLIENT_WEIGHTS}  # class unchanged
+
+
+def test_the_context_reduces_a_defense_object_to_its_public_view():
+    noise = defenses.get("gaussian_noise", scale=0.2, seed=3)
+    context = AttackContext(image_shape=[3, 8, 8], defense=noise)
+    assert context.image_shape == (3, 8, 8) and isinstance(context.defense, PublicDefense)
+    assert context.defense.cls is type(noise) and not hasattr(context.defense, "seed")
+    with pytest.raises(ValueError, match="image_shape"):
+        AttackContext(image_shape=(8, 8))
+    with pytest.raises(MissingContext, match="image_shape"):
+        attacks.get("rmle").reconstruct(torch.nn.Identity(), torch.zeros(1, 3, 8, 8), AttackContext())
+
+
+def test_a_library_call_needs_only_the_image_shape():
+    """The README's call: no runner, only what a white-box attacker has."""
+    from attacks import AttackContext as Context  # the public name
+
+    client, _ = split(zoo.get("resnet20").eval(), "layer1")
+    with torch.no_grad():
+        features = defenses.get("gaussian_noise", scale=0.1)(client(torch.rand(2, 3, 32, 32)))
+    recon = attacks.get("peel", max_iter=2, block_iter=2, refine_iter=3).reconstruct(
+        client, features, Context(image_shape=(3, 32, 32)))
+    assert recon.images.shape == (2, 3, 32, 32) and 0 <= float(recon.images.min()) <= float(recon.images.max()) <= 1

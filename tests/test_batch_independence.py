@@ -12,7 +12,7 @@ from torch import nn
 import attacks
 import attacks.optim
 import defenses
-from attacks.base import PublicDefense
+from attacks.base import AttackContext, PublicDefense
 from splitnn import split, zoo
 from attack_fixtures import randomise_batchnorm
 
@@ -35,8 +35,8 @@ def _cut(setting: str, cut: str = "layer2.0"):
 
 def gap(attack, client, features, **ctx) -> tuple[float, float]:
     """(relative difference of sample 1 solved in the batch and alone, its image error against the truth)."""
-    together = attack.reconstruct(client, features, image_shape=SHAPE, **ctx).images[1:2]
-    alone = attack.reconstruct(client, features[1:2], image_shape=SHAPE, **ctx).images
+    together = attack.reconstruct(client, features, AttackContext(image_shape=SHAPE, **ctx)).images[1:2]
+    alone = attack.reconstruct(client, features[1:2], AttackContext(image_shape=SHAPE, **ctx)).images
     return float((together - alone).abs().max() / alone.abs().max()), together
 
 
@@ -61,7 +61,7 @@ def test_defense_aware_peel_reconstructs_a_sample_as_if_it_were_alone(defense, p
     guard = defenses.get(defense, **params)
     features = guard(clean)
     peel = attacks.get("peel", adaptive=True, max_iter=20, refine_iter=30)
-    rec = peel.reconstruct(client, features, image_shape=SHAPE, defense=PublicDefense.of(guard))
+    rec = peel.reconstruct(client, features, AttackContext(image_shape=SHAPE, defense=PublicDefense.of(guard)))
     assert rec.diagnostics["adaptive"]["model"] in ("noise", "masked")  # the defense changes the fit
     difference, _ = gap(peel, client, features, defense=PublicDefense.of(guard))
     assert difference < TOLERANCE

@@ -5,7 +5,7 @@ import torch
 import attacks
 import defenses
 from attack_fixtures import digits16, trained_split
-from attacks.base import Knowledge
+from attacks.base import AttackContext, Knowledge
 from evaluation.attack_context import auxiliary_split, query_oracle
 from splitnn.errors import ParameterError
 
@@ -29,8 +29,7 @@ def test_inverse_net_beats_the_mean_image_on_held_out_images(setting, name, para
         features = defenses.get(name, **params)(client(x))
     aux = auxiliary_split(data, seed=0)
     query = query_oracle(client, defenses.get(name, **params), 0)
-    rec = attacks.get("inverse_net", epochs=8).reconstruct(client, features, image_shape=data.shape, auxiliary=aux,
-                                                           query=query)
+    rec = attacks.get("inverse_net", epochs=8).reconstruct(client, features, AttackContext(image_shape=data.shape, auxiliary=aux, query=query))
     baseline = _mse(aux[0].mean(dim=0, keepdim=True).expand_as(x), x)
     assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
     assert _mse(rec.images, x) < 0.2 * baseline  # measured 0.02x (none) and 0.04x (noise)
@@ -59,13 +58,13 @@ def test_inverse_net_is_cached_per_model_cut_and_defense(setting, tmp_path):
     attack = attacks.get("inverse_net", epochs=1)
     key = {"model": "m", "cut": "layer1", "defense": {"name": "none", "params": {}}, "seed": 0}
     ctx = dict(image_shape=data.shape, auxiliary=aux, query=query, cache_dir=str(tmp_path), cache_key=key)
-    first = attack.reconstruct(client, features, **ctx)
+    first = attack.reconstruct(client, features, AttackContext(**ctx))
     assert not first.diagnostics["from_cache"] and calls
     calls.clear()
-    second = attack.reconstruct(client, features, **ctx)
+    second = attack.reconstruct(client, features, AttackContext(**ctx))
     assert second.diagnostics["from_cache"] and not calls  # loaded: no queries, same decoder
     assert torch.equal(first.images, second.images)
-    other = attack.reconstruct(client, features, **{**ctx, "cache_key": {**key, "defense": {"name": "topk"}}})
+    other = attack.reconstruct(client, features, AttackContext(**{**ctx, "cache_key": {**key, "defense": {"name": "topk"}}}))
     assert not other.diagnostics["from_cache"]
     assert len(list((tmp_path / "attacks").glob("inverse_net-*.pt"))) == 2
 
@@ -79,4 +78,4 @@ def test_inverse_net_declares_black_box_knowledge_and_checks_parameters(setting)
     with pytest.raises(ParameterError, match="hidden"):
         attacks.get("inverse_net", hidden=0)
     with pytest.raises(ValueError, match="auxiliary"):
-        attack.reconstruct(client, client(data.x_test[:2]), image_shape=data.shape)
+        attack.reconstruct(client, client(data.x_test[:2]), AttackContext(image_shape=data.shape))

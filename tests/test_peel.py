@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 
 import attacks
+from attacks import AttackContext
 from attacks.peel import PEEL, UnsupportedLayerError, extract_stages, invert_block, stage_input_errors
 from attacks.peel.chain import chain
 from splitnn import split, zoo
@@ -67,7 +68,7 @@ def test_peel_inverts_an_authors_setting_client_to_the_image():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         features = client(x)
-    rec = attacks.get("peel", tv_weight=0.0).reconstruct(client, features, image_shape=(3, 16, 16))  # exact: no prior
+    rec = attacks.get("peel", tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 16, 16)))  # exact: no prior
     assert rec.images.shape == x.shape
     assert float(((rec.images - x) ** 2).mean()) < 1e-6
     assert len(rec.diagnostics["stages"]) == 3 and len(rec.intermediates) == 3
@@ -81,13 +82,13 @@ def test_peel_on_torchvision_resnet_recovers_the_image_where_the_cut_is_invertib
     stem, _ = split(model, "relu")  # 7x7/2 conv + BN + ReLU: 16384 outputs, about half non-zero, for 3072 pixels
     with torch.no_grad():
         features = stem(x)
-    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(stem, features, image_shape=(3, 32, 32))
+    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(stem, features, AttackContext(image_shape=(3, 32, 32)))
     assert float(((rec.images - x) ** 2).mean()) < 1e-8
     # Behind the max-pool the cut is not injective: PEEL's images still reproduce what was observed.
     client, _ = split(model, "layer1.0")
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(client, features, image_shape=(3, 32, 32))
+    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 32, 32)))
     assert 0.0 <= float(rec.images.min()) and float(rec.images.max()) <= 1.0
     assert rec.diagnostics["refined_residual"] < 0.5 * rec.diagnostics["blockwise_residual"]
 
@@ -98,9 +99,11 @@ def test_the_truth_never_reaches_an_attack():
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         features = client(x)
-    for name in ("peel", "rmle"):
+    with pytest.raises(TypeError, match="truth"):  # the context has no field that could carry it
+        AttackContext(image_shape=(3, 8, 8), truth=x)
+    for name in attacks.names():  # nor does any attack take it beside the context
         with pytest.raises(TypeError, match="truth"):
-            attacks.get(name).reconstruct(client, features, image_shape=(3, 8, 8), truth=x)
+            attacks.get(name).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)), truth=x)
 
 
 def test_unsupported_layer_is_named():
@@ -155,7 +158,7 @@ def test_authors_resnet18_deepest_first_stage_cut_gives_the_image_back():
     client = client.double()
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(refine=False).reconstruct(client, features, image_shape=(3, 16, 16))
+    rec = PEEL(refine=False).reconstruct(client, features, AttackContext(image_shape=(3, 16, 16)))
     mse = float(((rec.images - x) ** 2).mean())
     assert 10 * torch.log10(torch.tensor(1.0 / mse)) >= 60  # PSNR in dB
     errors = stage_input_errors(client, (3, 16, 16), rec.intermediates, x)
@@ -168,8 +171,8 @@ def test_paper_solver_and_default_solver_on_an_authors_block():
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         features = client(x)
-    paper = PEEL(solver="paper", refine=False).reconstruct(client, features, image_shape=(3, 8, 8))
-    default = PEEL(refine=False).reconstruct(client, features, image_shape=(3, 8, 8))
+    paper = PEEL(solver="paper", refine=False).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
+    default = PEEL(refine=False).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
     assert paper.diagnostics["stages"][-1]["adam_iterations"] == 1000
     assert paper.diagnostics["budget"]["blockwise_evaluations"] == 2000  # Adam: one evaluation a step, 2 stages
     paper_error = stage_input_errors(client, (3, 8, 8), paper.intermediates, x)[-1]
@@ -185,7 +188,7 @@ def test_refinement_keeps_the_better_start_per_sample_and_reports_its_budget():
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0).reconstruct(client, features, image_shape=(3, 8, 8))
+    rec = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
     d = rec.diagnostics
     assert {"blockwise_residual", "refined_residual", "refine_start", "budget"} <= set(d)
     assert d["refined_residual"] <= d["blockwise_residual"]
@@ -196,7 +199,7 @@ def test_refinement_keeps_the_better_start_per_sample_and_reports_its_budget():
     assert 30 < spent["end_to_end_evaluations"] <= 2 * (30 * 31 + 1)  # two starts of <= 30 iterations each
     assert spent["blockwise_evaluations"] > 0 and spent["seconds"] > 0
     capped = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0, max_evaluations=10).reconstruct(
-        client, features, image_shape=(3, 8, 8))
+        client, features, AttackContext(image_shape=(3, 8, 8)))
     assert capped.diagnostics["budget"]["end_to_end_evaluations_per_sample"] == [10, 10]  # 5 per start
     assert capped.diagnostics["refined_residual"] > d["refined_residual"]
     # The block-wise image is the refinement's first start; the truth scores it afterwards.
@@ -257,8 +260,7 @@ def test_peel_can_start_from_the_logits():
     with torch.no_grad():
         logits = client(x)
     assert logits.shape == (2, 10)
-    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False, tv_weight=0.0).reconstruct(client, logits,
-                                                                                         image_shape=(3, 8, 8))
+    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False, tv_weight=0.0).reconstruct(client, logits, AttackContext(image_shape=(3, 8, 8)))
     assert rec.images.shape == x.shape and torch.isfinite(rec.images).all()
     assert rec.diagnostics["stages"][-1]["kind"] == "layers"  # avgpool + flatten + linear head
     assert rec.diagnostics["refined_residual"] < 1e-3  # the logits are matched (many images do)
@@ -326,5 +328,5 @@ def test_budget_parameters_are_validated_and_the_time_cap_is_kept(monkeypatch):
         features = client(torch.rand(2, 3, 8, 8))
     clock = iter(range(10 ** 9))  # 10 ms per reading of the clock, whatever the machine's speed
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.01)
-    rec = PEEL(refine_iter=10 ** 5, max_seconds=1.0).reconstruct(client, features, image_shape=(3, 8, 8))
+    rec = PEEL(refine_iter=10 ** 5, max_seconds=1.0).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
     assert rec.diagnostics["budget"]["seconds"] <= 1.1 and rec.diagnostics["budget"]["end_to_end_evaluations"] < 100

@@ -8,7 +8,7 @@ from torch import nn
 
 import attacks
 from attack_fixtures import digits16, trained_split
-from attacks.base import Knowledge
+from attacks.base import AttackContext, Knowledge
 from attacks.shadow import fresh_copy, reinitialise, shadow_init_seed
 from evaluation.attack_context import auxiliary_split
 from evaluation.eval_classifier import get_evaluation_classifier
@@ -97,7 +97,7 @@ def test_shadow_recovers_recognisable_digits_undefended(setting, inverter):
     with torch.no_grad():
         features = client(x)
     rec = attacks.get("shadow", inverter=inverter, epochs=6, iterations=150).reconstruct(
-        client, features, image_shape=data.shape, auxiliary=auxiliary_split(data, seed=0), server=server)
+        client, features, AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, seed=0), server=server))
     assert rec.diagnostics["shadow_auxiliary_accuracy"] > 0.8  # the shadow serves the frozen server
     # The judge recognises 98% of true digits; the mean image, and an untrained shadow's reconstructions,
     # 10% (chance). Measured here: 70% (rmle) and 65% (peel).
@@ -117,5 +117,4 @@ def test_shadow_declares_query_free_knowledge_and_checks_parameters(setting):
     with pytest.raises(ParameterError, match="inverter"):
         attacks.get("shadow", inverter="gan")
     with pytest.raises(ValueError, match="server"):
-        attacks.get("shadow").reconstruct(client, client(data.x_test[:2]), image_shape=data.shape,
-                                          auxiliary=auxiliary_split(data, 0))
+        attacks.get("shadow").reconstruct(client, client(data.x_test[:2]), AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, 0)))

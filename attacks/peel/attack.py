@@ -7,15 +7,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from attacks.base import (Attack, Dtype, Evaluations, Knowledge, PublicDefense, Reconstruction, budget,
-                          require_image_shape)
+from attacks.base import Attack, AttackContext, Dtype, Evaluations, Knowledge, Reconstruction, budget
 from attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, relative_residual
-from attacks.peel.adaptive import DefenseReading, invert_stage_adaptive, read_defense, refine_adaptive
+from attacks.peel.adaptive import invert_stage_adaptive, refine_adaptive
+from attacks.peel.observation import Exact
+from attacks.peel.readers import read_defense
 from attacks.peel.chain import chain, end_to_end_loss
 from attacks.peel.paper_solver import invert_stage_paper
 from attacks.peel.solver import invert_stage
 from attacks.peel.stages import Stage, UnsupportedLayerError, build_stages, extract_stages
-from attacks.priors import total_variation
+from attacks.priors import tv_prior
 from attacks.registry import register
 from splitnn.errors import ParameterError
 from splitnn.params import Count, NonNegative, Seconds
@@ -57,12 +58,17 @@ class PEEL(Attack):
     The result's ``intermediates`` are the recovered inputs of every stage (input side first), for the
     evaluator's per-block errors (``attacks.peel.stage_input_errors``); PEEL never sees the truth.
 
-    ``adaptive=True`` is defense-aware PEEL (knowledge adds DEFENSE): it reads the ``defense`` passed to
-    ``reconstruct`` as a ``PublicDefense`` (kind and public parameters) and fits what the defense released
-    instead of an exact fit (see ``attacks.peel.adaptive``; ``tv_prior`` is the rate β of its TV prior).
+    ``adaptive=True`` is defense-aware PEEL (knowledge adds DEFENSE): it reads the context's ``defense`` (a
+    ``PublicDefense``: class, kind and public parameters) by the reader registered for its class and fits what
+    the defense released instead of an exact fit (``attacks.peel.readers``, ``attacks.peel.observation``;
+    ``tv_prior`` is the rate β of its TV prior). A defense without a reader gets plain PEEL, and
+    ``diagnostics["adaptive"]`` says so.
+
+    Library use: ``attacks.get("peel").reconstruct(client, features, AttackContext(image_shape=(3, 32, 32)))``.
     """
 
-    knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
+    base_knowledge = frozenset({Knowledge.CLIENT_WEIGHTS})
+    reports_block_errors = True
 
     def __init__(self, solver: Literal["default", "paper"] = "default", refine: bool = True,
                  max_iter: Count = 300, fixed_point_iters: Count = 100, refine_iter: Count = 500,
@@ -76,8 +82,11 @@ class PEEL(Attack):
         if max_evaluations is not None and also_from_grey and max_evaluations < 2:
             raise ParameterError("max_evaluations", max_evaluations, "at least 2 with also_from_grey (one per start)")
         self.max_evaluations = max_evaluations
-        if self.adaptive:  # per instance: the defense-aware variant knows more than plain PEEL
-            self.knowledge = PEEL.knowledge | {Knowledge.DEFENSE}
+
+    @property
+    def knowledge(self) -> frozenset[Knowledge]:
+        """Plain PEEL knows the client's weights; the defense-aware variant also knows the defense."""
+        return self.base_knowledge | ({Knowledge.DEFENSE} if self.adaptive else frozenset())
 
     def supports(self, client: nn.Module, defense: Any = None) -> tuple[bool, str]:
         try:
@@ -87,8 +96,8 @@ class PEEL(Attack):
         return True, ""
 
     def _invert(self, stage: Stage, target: torch.Tensor, lower: float | None, upper: float | None,
-                reading: DefenseReading | None = None, at_cut: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
-        if reading is not None and reading.changes_fit and (at_cut or reading.kind == "noise"):
+                reading: Exact | None = None, at_cut: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        if reading is not None and reading.changes_fit and (at_cut or reading.every_stage):
             return invert_stage_adaptive(stage, target, reading, at_cut=at_cut, lower=lower, upper=upper,
                                          max_iter=self.max_iter)
         if self.solver == "paper":
@@ -97,7 +106,7 @@ class PEEL(Attack):
                             max_iter=self.block_iter if stage.kind == "block" else self.max_iter,
                             fixed_point_iters=self.fixed_point_iters, prior_weight=self.prior_weight)
 
-    def invert_stages(self, stages: list[Stage], observed: torch.Tensor, reading: DefenseReading | None = None
+    def invert_stages(self, stages: list[Stage], observed: torch.Tensor, reading: Exact | None = None
                       ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """The block-wise stage: each stage's recovered input (input side first) and its diagnostics, solved
         from the cut back to the image, each stage's target the input recovered for the next one."""
@@ -111,13 +120,13 @@ class PEEL(Attack):
             recovered[index] = target
         return recovered, diagnostics
 
-    def reconstruct(self, client: nn.Module, features: torch.Tensor, **ctx: Any) -> Reconstruction:
-        shape = require_image_shape(ctx)
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+        shape = context.require("image_shape", by=self)
         dtype = getattr(torch, self.dtype)
         start = time.perf_counter()
         stages = extract_stages(client, shape, dtype)
         observed = features.detach().to(dtype)
-        reading = read_defense(PublicDefense.of(ctx.get("defense")), observed) if self.adaptive else None
+        reading = read_defense(context.require("defense", by=self), observed) if self.adaptive else None
         recovered, stage_diagnostics = self.invert_stages(stages, observed, reading)
         blockwise = recovered[0].clamp(0.0, 1.0)
         forward = chain(stages)
@@ -148,7 +157,7 @@ class PEEL(Attack):
                               intermediates=[r.detach() for r in recovered])
 
     def _refine(self, stages: list[Stage], observed: torch.Tensor, blockwise: torch.Tensor,
-                reading: DefenseReading | None, start: float) -> MultiStartFit:
+                reading: Exact | None, start: float) -> MultiStartFit:
         """End-to-end fits of the image from the block-wise image (and grey); each sample keeps the better."""
         starts = {"blockwise": blockwise}
         if self.also_from_grey:
@@ -157,7 +166,7 @@ class PEEL(Attack):
         if reading is not None and reading.changes_fit:  # the start whose fit has the lower objective wins
             return refine_adaptive(stages, reading, starts, iterations=self.refine_iter, tv_weight=self.tv_weight,
                                    tv_prior=self.tv_prior, max_evals=self.max_evaluations, max_seconds=left)
-        regulariser = (lambda x: self.tv_weight * total_variation(x)) if self.tv_weight > 0 else None
+        regulariser = tv_prior(self.tv_weight)
         # Per sample, the fit whose features match that sample's observation better.
         return fit_from_starts(chain(stages), observed, starts, max_evals=self.max_evaluations, max_seconds=left,
                                lower=0.0, upper=1.0, max_iter=self.refine_iter, regulariser=regulariser,
