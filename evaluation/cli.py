@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from splitnn.errors import ParameterError
 from splitnn.faults import WriteFailure
@@ -71,7 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
-def _write_and_list(write: Callable[[], dict[str, str]]) -> int:
+def _write_and_list(write: Callable[[], Mapping[str, str | Path]]) -> int:
     """Run a command that writes files from a results folder; print what it wrote, or why it could not."""
     try:
         paths = write()

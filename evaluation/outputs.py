@@ -100,7 +100,8 @@ def write_figures(cells: pd.DataFrame, out: Path, grids: list[Grid] | None = Non
         "peel_depth": lambda stem: figures.peel_depth_profile(cells, stem),
     }
     made = {name: plot(out / name) for name, plot in plots.items()}
-    for index, grid in enumerate(grids or []):
+    grids = grids or []
+    for index, grid in enumerate(grids):
         if grid.originals is not None and grid.rows:
             stem = out / grid_name(grids, index)
             made[stem.name] = [figures.reconstruction_grid(grid.originals, grid.rows, stem.with_suffix(suffix))

@@ -65,7 +65,7 @@ class LPIPS:
         # then the backbone layers replaced by the user's weights, slice by slice (slices keep the indices).
         from torchmetrics.functional.image.lpips import _NoTrainLpips
 
-        self.net = _NoTrainLpips(net=net, pnet_rand=True)
+        self.net = _NoTrainLpips(net=net, pnet_rand=True)  # type: ignore[arg-type]  # checked against BACKBONES
         features = _backbone_features(net, weights)
         for slice_ in _slices(self.net.net):
             for index, module in slice_.named_children():

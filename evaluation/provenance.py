@@ -27,7 +27,7 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def collect(device: str = "cpu") -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)

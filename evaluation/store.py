@@ -117,15 +117,15 @@ class ResultStore:
         self.read_only = read_only
         if read_only and not self.path.is_file():
             raise FileNotFoundError(2, "no result store there (run `leakbench run` first)", str(self.path))
-        self.connection: sqlite3.Connection | None = None
+        connection: sqlite3.Connection | None = None
         try:
             if read_only:
-                self.connection = open_read_only(self.path)
+                connection = self.connection = open_read_only(self.path)
                 self.version = stored_version(self.connection, self.path, empty_ok=False)
                 return
             with self._writing():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.connection = sqlite3.connect(self.path, timeout=30)
+                connection = self.connection = sqlite3.connect(self.path, timeout=30)
                 version = stored_version(self.connection, self.path, empty_ok=True)  # before changing anything
                 self.connection.execute("PRAGMA journal_mode=WAL")
                 if needs_migration(self.connection, version):
@@ -133,8 +133,8 @@ class ResultStore:
                         migrate(self.connection, stored_version(self.connection, self.path, empty_ok=True))
                 self.version = SCHEMA_VERSION
         except BaseException as exc:
-            if self.connection is not None:
-                self.connection.close()
+            if connection is not None:
+                connection.close()
             if isinstance(exc, sqlite3.DatabaseError) and error_code(exc) == SQLITE_NOTADB:
                 raise StoreVersionError(f"{self.path} is not a result store: {exc}") from None
             if read_only and isinstance(exc, sqlite3.Error):  # printed as "cannot read PATH: reason"

@@ -26,7 +26,7 @@ class Registry(Generic[T]):
     def register_class(self, name: str) -> Callable[[type], type]:
         """Class decorator: register ``cls`` under ``name`` and set ``cls.name`` to it."""
         def decorate(cls: type) -> type:
-            cls.name = name
+            setattr(cls, "name", name)
             self.register(name)(cls)
             return cls
         return decorate

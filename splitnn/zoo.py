@@ -219,7 +219,7 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(n):
                 blocks.append(block(in_planes, width, stride if j == 0 else 1, norm, post_relu, activation))
-                in_planes = width * block.expansion
+                in_planes = width * getattr(block, "expansion", 1)
             name = f"layer{i + 1}"
             setattr(self, name, nn.Sequential(*blocks))
             self.stage_names.append(name)
