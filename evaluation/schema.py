@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, TypeAdapter,
                       ValidationError)
@@ -52,8 +52,9 @@ def _empty_mapping(value: Any) -> Any:
     return {} if value is None else value
 
 
-def OneOrMany(item: Any) -> Any:  # noqa: N802 (a type alias builder)
-    return Annotated[list[item], BeforeValidator(_listed), Field(min_length=1, max_length=MAX_LIST)]
+T = TypeVar("T")
+#: One value, or a non-empty list of them (a single one is short for a one-item list).
+OneOrMany = Annotated[list[T], BeforeValidator(_listed), Field(min_length=1, max_length=MAX_LIST)]
 
 
 class Train(_Strict):
@@ -115,13 +116,13 @@ class Evaluation(_Strict):
 
 class Experiment(_Strict):
     name: ExperimentName | None = None
-    seed: OneOrMany(Seed) = [0]
-    dataset: OneOrMany(NamedEntry)
-    model: OneOrMany(Annotated[ModelEntry, BeforeValidator(_named)])
+    seed: OneOrMany[Seed] = [0]
+    dataset: OneOrMany[NamedEntry]
+    model: OneOrMany[Annotated[ModelEntry, BeforeValidator(_named)]]
     train: Annotated[Train, BeforeValidator(_empty_mapping)] = Train()
-    cut: OneOrMany(Name)
-    defenses: OneOrMany(Annotated[ZippedEntry, BeforeValidator(_named)])
-    attacks: OneOrMany(Annotated[ZippedEntry, BeforeValidator(_named)])
+    cut: OneOrMany[Name]
+    defenses: OneOrMany[Annotated[ZippedEntry, BeforeValidator(_named)]]
+    attacks: OneOrMany[Annotated[ZippedEntry, BeforeValidator(_named)]]
     evaluation: Annotated[Evaluation, BeforeValidator(_empty_mapping)] = Evaluation()
 
 
