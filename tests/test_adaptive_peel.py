@@ -178,3 +178,12 @@ def test_adaptive_knowledge_and_parameters():
         attacks.get("peel", adaptive="yes")
     with pytest.raises(ParameterError, match="tv_prior"):
         attacks.get("peel", adaptive=True, tv_prior=-1)
+
+
+def test_a_training_defense_without_a_reader_is_read_as_exact():
+    """A training defense changes the weights, not what is released: the exact fit, and the note says why."""
+    y = torch.rand(2, 4, 3, 3)
+    reading = read_defense(PublicDefense("some_training_defense", "training", {}), y)
+    assert reading.kind == "exact" and not reading.changes_fit and "training defense" in reading.note
+    unknown = read_defense(PublicDefense("some_transform", "transform", {}), y)
+    assert unknown.diagnostics()["model"] == "unknown" and "plain PEEL" in unknown.note

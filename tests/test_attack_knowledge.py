@@ -185,3 +185,16 @@ def test_a_library_call_needs_only_the_image_shape():
     recon = attacks.get("peel", max_iter=2, block_iter=2, refine_iter=3).reconstruct(
         client, features, Context(image_shape=(3, 32, 32)))
     assert recon.images.shape == (2, 3, 32, 32) and 0 <= float(recon.images.min()) <= float(recon.images.max()) <= 1
+
+
+def test_the_depth_figure_reads_the_attack_declaration(monkeypatch):
+    """Which attacks' rows carry per-block errors comes from ``Attack.reports_block_errors``, not a name."""
+    from attacks.registry import _registry
+    from evaluation.figures import _reports_block_errors
+
+    class Chained(attacks.Attack):
+        reports_block_errors = True
+
+    monkeypatch.setitem(_registry._factories, "chained", Chained)
+    assert _reports_block_errors("peel") and _reports_block_errors("chained")
+    assert not _reports_block_errors("rmle") and not _reports_block_errors("gone")
