@@ -62,7 +62,7 @@ def run(architectures: list[str], n_images: int) -> pd.DataFrame:
             for label, attack in [("peel paper solver (block-wise)", attacks.get("peel", solver="paper", refine=False)),
                                   ("peel refined (default)", attacks.get("peel"))]:
                 start = time.perf_counter()
-                rec = attack.reconstruct(client, features, image_shape=shape)
+                rec = attack.reconstruct(client, features, attacks.AttackContext(image_shape=shape))
                 seconds = time.perf_counter() - start
                 errors = stage_input_errors(client, shape, rec.intermediates, truth)  # the truth enters only here
                 if "blockwise" in rec.alternatives:  # the pure block-wise result of the same run
@@ -73,7 +73,7 @@ def run(architectures: list[str], n_images: int) -> pd.DataFrame:
                 rows.append(_row(arch, cut, label, rec.images, truth, seconds, errors,
                                  rec.diagnostics["budget"]["end_to_end_evaluations"]))
             start = time.perf_counter()
-            rec = attacks.get("rmle").reconstruct(client, features, image_shape=shape)
+            rec = attacks.get("rmle").reconstruct(client, features, attacks.AttackContext(image_shape=shape))
             rows.append(_row(arch, cut, "rmle", rec.images, truth, time.perf_counter() - start, None,
                              rec.diagnostics["budget"]["end_to_end_evaluations"]))
             print(pd.DataFrame(rows[-4:]).to_markdown(index=False, floatfmt=".3g"), flush=True)

@@ -63,7 +63,7 @@ def score(attack_name: str, params: dict[str, Any], model: torch.nn.Module, data
         if attacks.Knowledge.QUERY_ACCESS in attack.knowledge:
             ctx["query"] = query_oracle(client, defenses.get(defense_name, **defense_params), 0)
         start = time.perf_counter()
-        recon = attack.reconstruct(client, features, **ctx)
+        recon = attack.reconstruct(client, features, attacks.AttackContext(**ctx))
         psnr = image_metrics(recon.images, truth)["psnr"]
         rows.append({"attack": attack_name, "params": str(params), "cut": cut, "defense": defense_name,
                      "psnr": sum(psnr) / len(psnr), "seconds": time.perf_counter() - start})

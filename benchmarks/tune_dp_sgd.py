@@ -6,7 +6,8 @@ split is never read. Every candidate trains ResNet-20 with the one training loop
 with momentum, cosine schedule) hooked by ``dp_sgd`` at the target epsilon (Opacus, Poisson sampling with the
 candidate's expected batch size), so each candidate spends the same budget; the best validation accuracy wins.
 With ``--baseline`` the same GroupNorm model and loop are also trained without DP (``groupnorm_baseline``), with
-the winner's recipe and with the plain recipe of experiments/defenses.yaml. Prints one row per candidate and the chosen recipe. A small grid (about 8 min on 2 cores):
+the winner's recipe and with the plain recipe of experiments/defenses.yaml. Prints one row per candidate and
+the chosen recipe. A small grid (about 8 min on 2 cores):
 
     .venv/bin/python benchmarks/tune_dp_sgd.py --size 16 --batch-size 128 512 --lr 0.5 2.0 --clip 1.0 \\
         --epochs 10 25 --baseline

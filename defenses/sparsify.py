@@ -23,7 +23,8 @@ class Quantization(FeatureDefense):
 
     strength_zero = {"bits": None}
 
-    def __init__(self, bits: Annotated[int, Field(ge=1, le=32)] | None = 8, range: Literal["sample", "fixed"] = "sample",
+    def __init__(self, bits: Annotated[int, Field(ge=1, le=32)] | None = 8,
+                 range: Literal["sample", "fixed"] = "sample",
                  low: float = 0.0, high: float = 1.0, seed: Seed = 0):
         super().__init__(seed)
         self.bits, self.range, self.low, self.high = bits, range, low, high

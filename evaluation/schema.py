@@ -3,7 +3,8 @@
 Two layers, both pydantic. ``Experiment`` types the structure (top level, dataset, model, train, defense and
 attack entries, evaluation). ``splitnn.params.signature_model(factory)`` types one registered thing's
 ``params`` from its annotated signature, the one place a parameter's name, type, bounds and default are
-declared; what relates one parameter to another, the factory checks when the config builds it once. Errors come back as ``Issue``s naming the YAML path as the user wrote it
+declared; what relates one parameter to another, the factory checks when the config builds it once. Errors
+come back as ``Issue``s naming the YAML path as the user wrote it
 (``defenses[1].params.scale``, ``dataset.params.size`` for a single entry written without a list).
 """
 from __future__ import annotations

@@ -49,7 +49,8 @@ class Registry(Generic[T]):
                 if key not in sig.parameters and not any(
                         p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
                     raise ParameterError(key, params[key],
-                                         f"no such parameter of {self.what} {name!r}; known: {', '.join(known)}") from exc
+                                         f"no such parameter of {self.what} {name!r}; known: {', '.join(known)}"
+                                         ) from exc
             raise
 
     def names(self) -> list[str]:

@@ -30,8 +30,10 @@ def _both(setting, defense):
     with torch.no_grad():
         features = defense(client(x))
     public = PublicDefense.of(defense)
-    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
-    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
+    plain = attacks.get("peel", **BUDGET).reconstruct(
+        client, features, AttackContext(image_shape=data.shape, defense=public))
+    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(
+        client, features, AttackContext(image_shape=data.shape, defense=public))
     return psnr(plain.images, x), psnr(adaptive.images, x), adaptive
 
 
@@ -70,8 +72,10 @@ def test_unknown_defense_is_plain_peel_and_says_so(setting):
     with torch.no_grad():
         features = defense(client(x))
     public = PublicDefense.of(defense)
-    plain = attacks.get("peel", **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
-    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(client, features, AttackContext(image_shape=data.shape, defense=public))
+    plain = attacks.get("peel", **BUDGET).reconstruct(
+        client, features, AttackContext(image_shape=data.shape, defense=public))
+    adaptive = attacks.get("peel", adaptive=True, **BUDGET).reconstruct(
+        client, features, AttackContext(image_shape=data.shape, defense=public))
     assert torch.equal(plain.images, adaptive.images)
     assert adaptive.diagnostics["adaptive"]["model"] == "unknown"
     assert "plain PEEL" in adaptive.diagnostics["adaptive"]["note"] and "_Mystery" in adaptive.diagnostics[
@@ -166,7 +170,8 @@ def test_adaptive_peel_never_reaches_the_defense_random_state(setting):
     with pytest.raises(TypeError, match="PublicDefense"):
         read_defense(defense, features)
     peel = attacks.get("peel", adaptive=True, max_iter=5, refine_iter=5)
-    rec = peel.reconstruct(client, features, AttackContext(image_shape=data.shape, defense=defense))  # converted at the boundary
+    rec = peel.reconstruct(
+        client, features, AttackContext(image_shape=data.shape, defense=defense))  # converted at the boundary
     assert rec.diagnostics["adaptive"]["model"] == "noise"
 
 

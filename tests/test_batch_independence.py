@@ -7,7 +7,6 @@ sizes, which differs by CPU; the last test shows the check fails once samples ar
 """
 import pytest
 import torch
-from torch import nn
 
 import attacks
 import attacks.optim

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import attacks.rmle
+import defenses
 import evaluation.runner
 import splitnn.training
 from attacks.cache import cached_module
@@ -335,14 +336,14 @@ def test_a_corrupt_checkpoint_of_a_training_defense_is_retrained_with_its_defens
     data = datasets.get("digits", size=16)
     config = TrainConfig("resnet20", "digits", dataset_params=data.params, epochs=1, batch_size=128, lr=0.1,
                          defense={"name": "dp_sgd", "params": {"epsilon": 4.0, "delta": 1e-5}})
-    first = train(config, tmp_path, data=data, progress=False)
+    first = train(config, tmp_path, hooks=defenses.hooks_for(config), data=data, progress=False)
     _corrupt("truncated", first.path)
     with pytest.warns(CorruptCacheWarning, match="moved it to"):
-        second = train(config, tmp_path, data=data, progress=False)
+        second = train(config, tmp_path, hooks=defenses.hooks_for(config), data=data, progress=False)
     assert not second.from_cache and any(isinstance(m, nn.GroupNorm) for m in second.model.modules())
-    assert second.defense.guarantee()["epsilon"] == pytest.approx(first.defense.guarantee()["epsilon"], rel=1e-6)
-    again = train(config, tmp_path, data=data, progress=False)
-    assert again.from_cache and again.defense.guarantee()["epsilon"] == second.defense.guarantee()["epsilon"]
+    assert second.hooks.guarantee()["epsilon"] == pytest.approx(first.hooks.guarantee()["epsilon"], rel=1e-6)
+    again = train(config, tmp_path, hooks=defenses.hooks_for(config), data=data, progress=False)
+    assert again.from_cache and again.hooks.guarantee()["epsilon"] == second.hooks.guarantee()["epsilon"]
 
 
 def test_a_corrupt_attack_cache_is_moved_aside_and_trained_from_the_untouched_module(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import defenses
 from attacks.cache import cached_module
 from splitnn import TrainConfig, datasets, fingerprint, train
 from splitnn.fingerprint import ROOT, code_fingerprint, sources
@@ -115,7 +116,7 @@ def test_a_training_defense_module_enters_the_checkpoint_fingerprint(monkeypatch
     config = TrainConfig("resnet20", "digits", defense={"name": "nopeek", "params": {}}, cut="layer1")
     seen = []
     monkeypatch.setattr("splitnn.training.code_fingerprint", lambda *modules: seen.append(modules) or "x")
-    config.checkpoint_fingerprint()
+    config.checkpoint_fingerprint(defenses.hooks_for(config))
     assert seen == [("splitnn.training", "defenses.nopeek")]
 
 

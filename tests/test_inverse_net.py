@@ -29,7 +29,8 @@ def test_inverse_net_beats_the_mean_image_on_held_out_images(setting, name, para
         features = defenses.get(name, **params)(client(x))
     aux = auxiliary_split(data, seed=0)
     query = query_oracle(client, defenses.get(name, **params), 0)
-    rec = attacks.get("inverse_net", epochs=8).reconstruct(client, features, AttackContext(image_shape=data.shape, auxiliary=aux, query=query))
+    rec = attacks.get("inverse_net", epochs=8).reconstruct(
+        client, features, AttackContext(image_shape=data.shape, auxiliary=aux, query=query))
     baseline = _mse(aux[0].mean(dim=0, keepdim=True).expand_as(x), x)
     assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
     assert _mse(rec.images, x) < 0.2 * baseline  # measured 0.02x (none) and 0.04x (noise)
@@ -64,7 +65,8 @@ def test_inverse_net_is_cached_per_model_cut_and_defense(setting, tmp_path):
     second = attack.reconstruct(client, features, AttackContext(**ctx))
     assert second.diagnostics["from_cache"] and not calls  # loaded: no queries, same decoder
     assert torch.equal(first.images, second.images)
-    other = attack.reconstruct(client, features, AttackContext(**{**ctx, "cache_key": {**key, "defense": {"name": "topk"}}}))
+    other = attack.reconstruct(
+        client, features, AttackContext(**{**ctx, "cache_key": {**key, "defense": {"name": "topk"}}}))
     assert not other.diagnostics["from_cache"]
     assert len(list((tmp_path / "attacks").glob("inverse_net-*.pt"))) == 2
 

@@ -68,7 +68,8 @@ def test_peel_inverts_an_authors_setting_client_to_the_image():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         features = client(x)
-    rec = attacks.get("peel", tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 16, 16)))  # exact: no prior
+    rec = attacks.get("peel", tv_weight=0.0).reconstruct(
+        client, features, AttackContext(image_shape=(3, 16, 16)))  # exact: no prior
     assert rec.images.shape == x.shape
     assert float(((rec.images - x) ** 2).mean()) < 1e-6
     assert len(rec.diagnostics["stages"]) == 3 and len(rec.intermediates) == 3
@@ -82,13 +83,15 @@ def test_peel_on_torchvision_resnet_recovers_the_image_where_the_cut_is_invertib
     stem, _ = split(model, "relu")  # 7x7/2 conv + BN + ReLU: 16384 outputs, about half non-zero, for 3072 pixels
     with torch.no_grad():
         features = stem(x)
-    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(stem, features, AttackContext(image_shape=(3, 32, 32)))
+    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(
+        stem, features, AttackContext(image_shape=(3, 32, 32)))
     assert float(((rec.images - x) ** 2).mean()) < 1e-8
     # Behind the max-pool the cut is not injective: PEEL's images still reproduce what was observed.
     client, _ = split(model, "layer1.0")
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 32, 32)))
+    rec = PEEL(max_iter=50, refine_iter=100, tv_weight=0.0).reconstruct(
+        client, features, AttackContext(image_shape=(3, 32, 32)))
     assert 0.0 <= float(rec.images.min()) and float(rec.images.max()) <= 1.0
     assert rec.diagnostics["refined_residual"] < 0.5 * rec.diagnostics["blockwise_residual"]
 
@@ -188,7 +191,8 @@ def test_refinement_keeps_the_better_start_per_sample_and_reports_its_budget():
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         features = client(x)
-    rec = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
+    rec = PEEL(max_iter=30, refine_iter=30, tv_weight=0.0).reconstruct(
+        client, features, AttackContext(image_shape=(3, 8, 8)))
     d = rec.diagnostics
     assert {"blockwise_residual", "refined_residual", "refine_start", "budget"} <= set(d)
     assert d["refined_residual"] <= d["blockwise_residual"]
@@ -260,7 +264,8 @@ def test_peel_can_start_from_the_logits():
     with torch.no_grad():
         logits = client(x)
     assert logits.shape == (2, 10)
-    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False, tv_weight=0.0).reconstruct(client, logits, AttackContext(image_shape=(3, 8, 8)))
+    rec = PEEL(max_iter=20, refine_iter=50, also_from_grey=False, tv_weight=0.0).reconstruct(
+        client, logits, AttackContext(image_shape=(3, 8, 8)))
     assert rec.images.shape == x.shape and torch.isfinite(rec.images).all()
     assert rec.diagnostics["stages"][-1]["kind"] == "layers"  # avgpool + flatten + linear head
     assert rec.diagnostics["refined_residual"] < 1e-3  # the logits are matched (many images do)

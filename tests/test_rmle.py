@@ -16,7 +16,8 @@ def test_rmle_recovers_the_image_through_the_stem():
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         features = client(x)
-    rec = attacks.get("rmle", iterations=300, tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 16, 16)))
+    rec = attacks.get("rmle", iterations=300, tv_weight=0.0).reconstruct(
+        client, features, AttackContext(image_shape=(3, 16, 16)))
     assert float(((rec.images - x) ** 2).mean()) < 1e-4
     assert rec.diagnostics["iterations"] > 0
     spent = rec.diagnostics["budget"]
@@ -31,8 +32,10 @@ def test_tv_prior_smooths_the_reconstruction():
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         features = client(x) + 0.5 * torch.randn_like(client(x))
-    plain = attacks.get("rmle", iterations=50, tv_weight=0.0).reconstruct(client, features, AttackContext(image_shape=(3, 16, 16)))
-    smooth = attacks.get("rmle", iterations=50, tv_weight=1.0).reconstruct(client, features, AttackContext(image_shape=(3, 16, 16)))
+    plain = attacks.get("rmle", iterations=50, tv_weight=0.0).reconstruct(
+        client, features, AttackContext(image_shape=(3, 16, 16)))
+    smooth = attacks.get("rmle", iterations=50, tv_weight=1.0).reconstruct(
+        client, features, AttackContext(image_shape=(3, 16, 16)))
     assert float(total_variation(smooth.images).sum()) < float(total_variation(plain.images).sum())
 
 
@@ -57,7 +60,8 @@ def post_relu_cut():
 def test_the_ablation_knobs_change_the_fit_and_are_recorded(post_relu_cut):
     client, features = post_relu_cut
     plain = attacks.get("rmle", iterations=40).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
-    relu = attacks.get("rmle", iterations=40, loss="relu_consistency").reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
+    relu = attacks.get("rmle", iterations=40, loss="relu_consistency").reconstruct(
+        client, features, AttackContext(image_shape=(3, 8, 8)))
     assert not torch.allclose(plain.images, relu.images)
     assert relu.diagnostics["loss"] == "relu_consistency"
     several = attacks.get("rmle", iterations=40, starts=["grey", "uniform", "zeros"], max_evaluations=60)
@@ -77,7 +81,8 @@ def test_max_seconds_bounds_the_wall_time(post_relu_cut, monkeypatch):
     client, features = post_relu_cut
     clock = iter(range(10 ** 9))  # a clock that advances 10 ms per reading, whatever the machine's speed
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.01)
-    rec = attacks.get("rmle", iterations=100_000, max_seconds=0.5, starts=2).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
+    rec = attacks.get("rmle", iterations=100_000, max_seconds=0.5, starts=2).reconstruct(
+        client, features, AttackContext(image_shape=(3, 8, 8)))
     assert rec.diagnostics["timed_out"] and rec.diagnostics["budget"]["seconds"] <= 0.6
     assert rec.diagnostics["budget"]["end_to_end_evaluations"] < 50  # the clock is read at least once a try
 

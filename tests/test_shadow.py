@@ -117,4 +117,5 @@ def test_shadow_declares_query_free_knowledge_and_checks_parameters(setting):
     with pytest.raises(ParameterError, match="inverter"):
         attacks.get("shadow", inverter="gan")
     with pytest.raises(ValueError, match="server"):
-        attacks.get("shadow").reconstruct(client, client(data.x_test[:2]), AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, 0)))
+        attacks.get("shadow").reconstruct(
+            client, client(data.x_test[:2]), AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, 0)))
