@@ -22,6 +22,11 @@ def get(name: str, **params: Any) -> Defense:
     return _registry.get(name, **params)
 
 
+def unregister(name: str) -> None:
+    """Forget the defense registered as ``name`` (one registered for a while, e.g. by a test)."""
+    _registry.unregister(name)
+
+
 def names() -> list[str]:
     return _registry.names()
 

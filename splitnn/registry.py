@@ -53,6 +53,10 @@ class Registry(Generic[T]):
                                          ) from exc
             raise
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a plug-in registered for a while, e.g. by a test); unknown names are ignored."""
+        self._factories.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self._factories)
 
