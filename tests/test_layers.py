@@ -1,0 +1,65 @@
+"""The package layers, enforced on the source (import-linter's contracts, as a test): each package imports only
+the layers beneath it, at any depth (inside functions and TYPE_CHECKING blocks too)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("contracts", "splitnn", "defenses", "attacks", "evaluation")
+#: What each package may import of ours.
+ALLOWED = {
+    "contracts": set(),
+    "splitnn": {"contracts"},
+    "defenses": {"contracts", "splitnn"},
+    "attacks": {"contracts", "splitnn", "defenses"},
+    "evaluation": {"contracts", "splitnn", "defenses", "attacks"},
+}
+#: The one place attacks read defenses: the readers that tell defense-aware PEEL what a defense released.
+DEFENSE_READERS = {"attacks/peel/readers.py"}
+
+
+def _ours(source: str) -> set[str]:
+    """The packages of ours a source imports."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(PACKAGES)
+
+
+def violations(package: str, files: dict[str, str]) -> dict[str, set[str]]:
+    """file -> the packages it imports against the layers."""
+    found = {}
+    for name, source in files.items():
+        bad = _ours(source) - ALLOWED[package] - {package}
+        if package == "attacks" and name not in DEFENSE_READERS and "defenses" in _ours(source):
+            bad.add("defenses")
+        if bad:
+            found[name] = bad
+    return found
+
+
+def _sources(package: str) -> dict[str, str]:
+    return {path.relative_to(ROOT).as_posix(): path.read_text() for path in (ROOT / package).rglob("*.py")}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_imports_only_the_layers_beneath_it(package):
+    assert violations(package, _sources(package)) == {}
+
+
+@pytest.mark.parametrize("package, injected, caught", [
+    ("contracts", "import splitnn", {"splitnn"}),
+    ("splitnn", "def build():\n    from defenses import get", {"defenses"}),
+    ("defenses", "if TYPE_CHECKING:\n    from attacks.base import Attack", {"attacks"}),
+    ("attacks", "from defenses.noise import GaussianNoise", {"defenses"}),  # outside the readers
+    ("attacks", "import evaluation.runner", {"evaluation"}),
+])
+def test_an_injected_upward_import_is_caught(package, injected, caught):
+    files = _sources(package)
+    name = sorted(n for n in files if n not in DEFENSE_READERS)[0]
+    files[name] += "\n\n" + injected + "\n"
+    assert violations(package, files) == {name: caught}
