@@ -91,6 +91,11 @@ def _safe_name(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".-_")[:100] or "experiment"
 
 
+def _written_at(param: str, zip_paths: dict[str, str] | None) -> str:
+    """Where an entry's parameter was written, under the entry: ``params.P``, or ``zip.P[i]`` for a zipped one."""
+    return (zip_paths or {}).get(param, f"params.{param}")
+
+
 class ExperimentConfig:
     """A validated config. Construction checks every key (all problems at once); ``cells()`` expands the grid."""
 
@@ -143,7 +148,7 @@ class ExperimentConfig:
             for issue in schema.issues_of(exc, params, model):
                 head, dot, rest = issue.path.partition(".")
                 head, bracket, index = head.partition("[")
-                where = (paths or {}).get(head, f"params.{head}") + bracket + index + dot + rest
+                where = _written_at(head, paths) + bracket + index + dot + rest
                 expected = issue.expected
                 if head in exclude:
                     expected = f"no {head} here: every cell takes the top-level {head}"
@@ -157,8 +162,7 @@ class ExperimentConfig:
         try:
             return build(name, **params)
         except ParameterError as exc:
-            paths = paths or {}
-            path = f"{key}.name" if exc.key == "name" else f"{key}." + paths.get(exc.key, f"params.{exc.key}")
+            path = f"{key}.name" if exc.key == "name" else f"{key}.{_written_at(exc.key, paths)}"
             self._issue(path, exc.value, exc.expected)
             return None
 

@@ -17,24 +17,20 @@ from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, Type
                       ValidationError)
 
 from evaluation.perceptual import BACKBONES
-from splitnn.errors import short_repr
-from splitnn.params import STRICT, expected_of
+from splitnn.errors import problem
+from splitnn.params import STRICT, Seed, expected_of
 
 #: Bounds on the grid's own lists: far above any real experiment, far below what exhausts a machine.
 MAX_LIST = 1000
-SQLITE_INT_MAX = 2 ** 63  # seeds are stored as SQLite INTEGERs
-
-_CONFIG = STRICT
 
 
 class _Strict(BaseModel):
-    model_config = _CONFIG
+    model_config = STRICT
 
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 #: The experiment's name names its output folder, so it is one safe path component.
 ExperimentName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
-Seed = Annotated[int, Field(ge=0, lt=SQLITE_INT_MAX)]
 Params = dict[str, Any]
 
 
@@ -146,7 +142,7 @@ def parse(raw: dict[str, Any]) -> tuple[dict[str, Any], list["Issue"]]:
             continue
         kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
         # a model carries its own config; pydantic refuses a second one for it
-        adapter = TypeAdapter(kind) if _find_model(field.annotation) else TypeAdapter(kind, config=_CONFIG)
+        adapter = TypeAdapter(kind) if _find_model(field.annotation) else TypeAdapter(kind, config=STRICT)
         parsed[name] = adapter.validate_python(raw[name])
     return parsed, issues
 
@@ -160,7 +156,7 @@ class Issue:
     expected: str
 
     def __str__(self) -> str:
-        return f"{self.path}: got {short_repr(self.value)}, expected {self.expected}"
+        return problem(self.path, self.value, self.expected)
 
 
 def yaml_path(raw: Any, loc: tuple[Any, ...]) -> str:

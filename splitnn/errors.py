@@ -18,12 +18,17 @@ def short_repr(value: Any, limit: int = VALUE_CHARS) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def problem(key: str, value: Any, expected: str) -> str:
+    """The one wording of a bad value: ``key: got VALUE, expected WHAT`` (the value shortened)."""
+    return f"{key}: got {short_repr(value)}, expected {expected}"
+
+
 class ParameterError(ValueError):
     """A parameter (or config key) has a bad value; names the key, the value (shortened) and what was expected."""
 
     def __init__(self, key: str, value: Any, expected: str):
         self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"{key}: got {short_repr(value)}, expected {expected}")
+        super().__init__(problem(key, value, expected))
 
     def under(self, prefix: str) -> "ParameterError":
         """The same error with its key placed under a config path, e.g. ``defenses[1].params``."""

@@ -29,7 +29,7 @@ Positive = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 Count = Annotated[int, Field(ge=0)]
 PositiveCount = Annotated[int, Field(ge=1)]
-Seed = Annotated[int, Field(ge=0, lt=2 ** 63)]
+Seed = Annotated[int, Field(ge=0, lt=2 ** 63)]  # below 2^63: seeds are stored as SQLite INTEGERs
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
