@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(BIN)/leakbench run experiments/default.yaml --out results/default
 
 test: $(VENV)/.installed
-	$(BIN)/ruff check splitnn defenses attacks evaluation contracts tests benchmarks
+	$(BIN)/ruff check leakbench splitnn defenses attacks evaluation contracts tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

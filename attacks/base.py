@@ -8,8 +8,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from contracts import AttackContext, Knowledge, PublicDefense
-from splitnn.params import Declared
+from leakbench.contracts import AttackContext, Knowledge, PublicDefense
+from leakbench.splitnn.params import Declared
 
 __all__ = ["Attack", "AttackContext", "BUDGET_KEYS", "Dtype", "Evaluations", "Knowledge", "PublicDefense",
            "Reconstruction", "budget"]

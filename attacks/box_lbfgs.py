@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from splitnn.batch import per_sample
+from leakbench.splitnn.batch import per_sample
 
 PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]   # x (B, ...) -> loss (B,)
 

@@ -8,10 +8,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from attacks.registry import attack_class, names
-from splitnn.faults import set_aside
-from splitnn.fingerprint import class_fingerprint
-from splitnn.training import atomic_save, config_hash, default_cache_dir
+from leakbench.attacks.registry import attack_class, names
+from leakbench.splitnn.faults import set_aside
+from leakbench.splitnn.fingerprint import class_fingerprint
+from leakbench.splitnn.training import atomic_save, config_hash, default_cache_dir
 
 
 def attack_fingerprint(kind: str) -> str:

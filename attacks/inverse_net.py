@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, AttackContext, Knowledge, Reconstruction, budget
-from attacks.cache import cached_module
-from attacks.registry import register
-from splitnn.params import Count, Positive, PositiveCount, Seed
+from leakbench.attacks.base import Attack, AttackContext, Knowledge, Reconstruction, budget
+from leakbench.attacks.cache import cached_module
+from leakbench.attacks.registry import register
+from leakbench.splitnn.params import Count, Positive, PositiveCount, Seed
 
 
 class Decoder(nn.Module):

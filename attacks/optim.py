@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from attacks.box_lbfgs import minimize_box, project
-from attacks.priors import Forward, Loss, squared_error
-from splitnn.batch import sample_norms
+from leakbench.attacks.box_lbfgs import minimize_box, project
+from leakbench.attacks.priors import Forward, Loss, squared_error
+from leakbench.splitnn.batch import sample_norms
 
 __all__ = ["END_TO_END_HISTORY", "FitResult", "MultiStartFit", "fit_from_starts", "fit_input", "project",
            "relative_residual", "sample_residuals", "split_budget"]

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from splitnn.batch import per_sample
+from leakbench.splitnn.batch import per_sample
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Loss = Callable[[torch.Tensor], torch.Tensor]   # x (B, ...) -> (B,)

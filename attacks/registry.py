@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from attacks.base import Attack
-from splitnn.registry import Registry
+from leakbench.attacks.base import Attack
+from leakbench.splitnn.registry import Registry
 
 _registry: Registry[Attack] = Registry("attack")
 

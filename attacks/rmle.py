@@ -10,14 +10,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from attacks.base import Attack, AttackContext, Dtype, Evaluations, Knowledge, Reconstruction, budget
-from attacks.optim import END_TO_END_HISTORY, fit_from_starts, relative_residual
-from attacks.peel.chain import chain, end_to_end_loss
-from attacks.peel.stages import UnsupportedLayerError, build_stages, extract_stages
-from attacks.priors import Forward, Loss, tv_prior
-from attacks.registry import register
-from splitnn.errors import ParameterError, check_choice, check_number
-from splitnn.params import Seconds
+from leakbench.attacks.base import Attack, AttackContext, Dtype, Evaluations, Knowledge, Reconstruction, budget
+from leakbench.attacks.optim import END_TO_END_HISTORY, fit_from_starts, relative_residual
+from leakbench.attacks.peel.chain import chain, end_to_end_loss
+from leakbench.attacks.peel.stages import UnsupportedLayerError, build_stages, extract_stages
+from leakbench.attacks.priors import Forward, Loss, tv_prior
+from leakbench.attacks.registry import register
+from leakbench.splitnn.errors import ParameterError, check_choice, check_number
+from leakbench.splitnn.params import Seconds
 
 START_KINDS = ("grey", "zeros", "uniform")
 MAX_STARTS = 64

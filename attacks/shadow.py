@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, AttackContext, Knowledge, Reconstruction
-from attacks.cache import cached_module
-from attacks.peel import PEEL
-from attacks.registry import register
-from attacks.rmle import RMLE
-from splitnn.params import Count, NonNegative, Positive, PositiveCount, Seed
-from splitnn.training import fit
+from leakbench.attacks.base import Attack, AttackContext, Knowledge, Reconstruction
+from leakbench.attacks.cache import cached_module
+from leakbench.attacks.peel import PEEL
+from leakbench.attacks.registry import register
+from leakbench.attacks.rmle import RMLE
+from leakbench.splitnn.params import Count, NonNegative, Positive, PositiveCount, Seed
+from leakbench.splitnn.training import fit
 
 
 #: The namespace of the shadow's initial-weight seeds. It is part of the cache key, so shadows trained from

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.config import load_config
+from leakbench.evaluation.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

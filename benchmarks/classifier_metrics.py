@@ -15,13 +15,13 @@ import time
 import pandas as pd
 import torch
 
-from evaluation.config import Cell
-from evaluation.evaluators import Evaluators
-from evaluation.export import find_store
-from evaluation.image_sets import attacked_indices
-from evaluation.store import ResultStore
-from evaluation.tables import format_params
-from splitnn import datasets
+from leakbench.evaluation.config import Cell
+from leakbench.evaluation.evaluators import Evaluators
+from leakbench.evaluation.export import find_store
+from leakbench.evaluation.image_sets import attacked_indices
+from leakbench.evaluation.store import ResultStore
+from leakbench.evaluation.tables import format_params
+from leakbench.splitnn import datasets
 
 
 def _means(metrics: dict[str, list[float]]) -> dict[str, float]:

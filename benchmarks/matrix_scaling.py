@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from evaluation import ExperimentConfig, Matrix, ResultStore
-from evaluation.executors import Dask, Sequential
+from leakbench.evaluation import ExperimentConfig, Matrix, ResultStore
+from leakbench.evaluation.executors import Dask, Sequential
 
 ROOT = Path(__file__).resolve().parent.parent
 

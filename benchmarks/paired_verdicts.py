@@ -17,9 +17,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from evaluation.compare import compare
-from evaluation.export import find_store
-from evaluation.store import ResultStore, current_rows
+from leakbench.evaluation.compare import compare
+from leakbench.evaluation.export import find_store
+from leakbench.evaluation.store import ResultStore, current_rows
 
 
 def variant(text: str) -> dict[str, Any]:

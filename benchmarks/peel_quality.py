@@ -17,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import attacks
-from attacks.peel import stage_input_errors
-from evaluation.metrics import image_metrics
-from splitnn import TrainConfig, datasets, split, train, zoo
+from leakbench import attacks
+from leakbench.attacks.peel import stage_input_errors
+from leakbench.evaluation.metrics import image_metrics
+from leakbench.splitnn import TrainConfig, datasets, split, train, zoo
 
 ARCHITECTURES = {
     # name: (how to get the model, cuts)

@@ -20,12 +20,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-import attacks
-import defenses
-from evaluation.attack_context import auxiliary_split, query_oracle
-from evaluation.image_sets import tuning_indices
-from evaluation.metrics import image_metrics
-from splitnn import TrainConfig, datasets, split, train
+from leakbench import attacks, defenses
+from leakbench.evaluation.attack_context import auxiliary_split, query_oracle
+from leakbench.evaluation.image_sets import tuning_indices
+from leakbench.evaluation.metrics import image_metrics
+from leakbench.splitnn import TrainConfig, datasets, split, train
 
 #: The grid each attack is tuned over: the same number of candidates for every attack.
 GRIDS: dict[str, dict[str, list[Any]]] = {

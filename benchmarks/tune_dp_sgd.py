@@ -24,9 +24,9 @@ import warnings
 import pandas as pd
 import torch
 
-import defenses
-from splitnn import datasets, zoo
-from splitnn.training import accuracy, fit
+from leakbench import defenses
+from leakbench.splitnn import datasets, zoo
+from leakbench.splitnn.training import accuracy, fit
 
 
 #: The non-private recipe of experiments/defenses.yaml (batch size, lr, epochs): an lr tuned for clipped DP

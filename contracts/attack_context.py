@@ -7,7 +7,7 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
-from contracts.knowledge import Knowledge
+from leakbench.contracts.knowledge import Knowledge
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """Defenses that stand between the client and the server half."""
-from defenses import dp_sgd, noise, nopeek, pruning, sparsify  # noqa: F401  (register the defenses)
-from defenses.base import Defense, FeatureDefense, TrainingDefense
-from defenses.registry import defense_class, get, hooks_for, names, register, unregister
+from leakbench.defenses import dp_sgd, noise, nopeek, pruning, sparsify  # noqa: F401  (register the defenses)
+from leakbench.defenses.base import Defense, FeatureDefense, TrainingDefense
+from leakbench.defenses.registry import defense_class, get, hooks_for, names, register, unregister
 
 __all__ = ["Defense", "FeatureDefense", "TrainingDefense", "defense_class", "get", "hooks_for", "names", "register",
            "unregister"]

@@ -10,8 +10,8 @@ from typing import Any, ClassVar, Literal, Mapping
 import torch
 from torch import nn
 
-from splitnn.hooks import TrainingHooks
-from splitnn.params import Declared, Seed
+from leakbench.splitnn.hooks import TrainingHooks
+from leakbench.splitnn.params import Declared, Seed
 
 Kind = Literal["transform", "training"]
 

@@ -9,9 +9,9 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from defenses.base import TrainingDefense
-from defenses.registry import register
-from splitnn.params import Positive, PositiveCount, Seed
+from leakbench.defenses.base import TrainingDefense
+from leakbench.defenses.registry import register
+from leakbench.splitnn.params import Positive, PositiveCount, Seed
 
 Accountant = Literal["rdp", "prv", "gdp"]
 FIX_NOTE = "BatchNorm replaced by GroupNorm (opacus ModuleValidator.fix)"

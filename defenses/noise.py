@@ -8,11 +8,11 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
-from defenses.base import FeatureDefense
-from defenses.registry import register
-from splitnn.batch import per_sample
-from splitnn.errors import ParameterError
-from splitnn.params import NonNegative, Seed
+from leakbench.defenses.base import FeatureDefense
+from leakbench.defenses.registry import register
+from leakbench.splitnn.batch import per_sample
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.params import NonNegative, Seed
 
 
 @register("none")

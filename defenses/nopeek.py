@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from defenses.base import TrainingDefense
-from defenses.registry import register
-from splitnn.params import NonNegative, Seed
-from splitnn.split import split
+from leakbench.defenses.base import TrainingDefense
+from leakbench.defenses.registry import register
+from leakbench.splitnn.params import NonNegative, Seed
+from leakbench.splitnn.split import split
 
 
 def _centered_distances(x: torch.Tensor) -> torch.Tensor:

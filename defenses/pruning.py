@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from defenses.base import FeatureDefense
-from defenses.registry import register
-from splitnn.params import Count, Fraction, Positive, PositiveCount, Seed
+from leakbench.defenses.base import FeatureDefense
+from leakbench.defenses.registry import register
+from leakbench.splitnn.params import Count, Fraction, Positive, PositiveCount, Seed
 
 Score = Literal["random", "magnitude", "conductance", "grad_x_activation"]
 
@@ -103,7 +103,7 @@ class Pruning(FeatureDefense):
                        "scores": [round(float(s), 8) for s in self.scores]}
         if self.finetune_server == 0 or k == 0:
             return server
-        from splitnn.training import fit
+        from leakbench.splitnn.training import fit
 
         with torch.no_grad():
             features = torch.cat([self.transform(client(x_train[i:i + 256])) for i in range(0, len(x_train), 256)])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from defenses.base import Defense, TrainingDefense
-from splitnn.errors import ParameterError
-from splitnn.registry import Registry
-from splitnn.training import TrainConfig
+from leakbench.defenses.base import Defense, TrainingDefense
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.registry import Registry
+from leakbench.splitnn.training import TrainConfig
 
 _registry: Registry[Defense] = Registry("defense")
 

@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from defenses.base import FeatureDefense
-from defenses.registry import register
-from splitnn.errors import ParameterError
-from splitnn.params import Fraction, Seed
+from leakbench.defenses.base import FeatureDefense
+from leakbench.defenses.registry import register
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.params import Fraction, Seed
 
 
 @register("quantization")

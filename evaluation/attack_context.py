@@ -11,11 +11,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from attacks.base import Attack
-from contracts import GRANTS, AttackContext, Knowledge, PublicDefense
-from defenses.base import Defense
-from splitnn.datasets import Dataset
-from splitnn.training import config_hash
+from leakbench.attacks.base import Attack
+from leakbench.contracts import GRANTS, AttackContext, Knowledge, PublicDefense
+from leakbench.defenses.base import Defense
+from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.training import config_hash
 
 #: Fraction of the training set the attacker gets as auxiliary data.
 AUXILIARY_FRACTION = 0.5

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from splitnn.errors import ParameterError
-from splitnn.faults import WriteFailure
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.faults import WriteFailure
 
 EXIT_CONFIG_ERROR = 2
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from evaluation.config import load_config
+    from leakbench.evaluation.config import load_config
 
     config = load_config(args.config)
     cells = config.cells()
@@ -41,12 +41,12 @@ def _affordable(config, args: argparse.Namespace) -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evaluation.config import load_config
-    from evaluation.executors import from_option
-    from evaluation.outputs import write_outputs
-    from evaluation.runner import Matrix
-    from evaluation.store import ResultStore
-    from evaluation.store_lock import RunLock
+    from leakbench.evaluation.config import load_config
+    from leakbench.evaluation.executors import from_option
+    from leakbench.evaluation.outputs import write_outputs
+    from leakbench.evaluation.runner import Matrix
+    from leakbench.evaluation.store import ResultStore
+    from leakbench.evaluation.store_lock import RunLock
 
     config = load_config(args.config)  # validated completely before any work
     if not _affordable(config, args):
@@ -84,13 +84,13 @@ def _write_and_list(write: Callable[[], Mapping[str, str | Path]]) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from evaluation.export import export
+    from leakbench.evaluation.export import export
 
     return _write_and_list(lambda: export(args.results, args.format, args.out))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from evaluation.report import write_report
+    from leakbench.evaluation.report import write_report
 
     return _write_and_list(lambda: write_report(args.results))
 
@@ -99,7 +99,7 @@ def defense_rows() -> list[dict[str, str]]:
     """One row per registered defense: name, kind, parameters with defaults, guarantee type, summary."""
     import inspect
 
-    import defenses
+    from leakbench import defenses
 
     rows = []
     for name in defenses.names():
@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.store import StoreVersionError
-    from evaluation.store_lock import StoreBusy
+    from leakbench.evaluation.store import StoreVersionError
+    from leakbench.evaluation.store_lock import StoreBusy
 
     args = build_parser().parse_args(argv)
     try:

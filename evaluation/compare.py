@@ -10,8 +10,8 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from evaluation.metrics import CELL_METRICS, IMAGE_METRICS
-from evaluation.statistics import PairedDifference, paired_difference
+from leakbench.evaluation.metrics import CELL_METRICS, IMAGE_METRICS
+from leakbench.evaluation.statistics import PairedDifference, paired_difference
 
 #: A comparison is made within each of these groups: everything about a cell except what tells A from B.
 GROUP_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params"]

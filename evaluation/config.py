@@ -11,19 +11,18 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import ValidationError
 
-import attacks
-import defenses
-from evaluation import schema
-from evaluation.schema import Issue
-from evaluation.store import model_label, named, params_text
-from evaluation.yaml_loader import YAMLInputError, load_yaml
-from splitnn import datasets, zoo
-from splitnn.errors import ParameterError
-from splitnn.params import signature_model
-from splitnn.training import TrainConfig, config_hash
+from leakbench import attacks, defenses
+from leakbench.evaluation import schema
+from leakbench.evaluation.schema import Issue
+from leakbench.evaluation.store import model_label, named, params_text
+from leakbench.evaluation.yaml_loader import YAMLInputError, load_yaml
+from leakbench.splitnn import datasets, zoo
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.params import signature_model
+from leakbench.splitnn.training import TrainConfig, config_hash
 
 if TYPE_CHECKING:
-    from evaluation.cost import Cost
+    from leakbench.evaluation.cost import Cost
 
 TRAIN_KEYS = set(schema.Train.model_fields)
 #: Issues listed in one message at most; the count of the rest follows.
@@ -182,7 +181,7 @@ class ExperimentConfig:
 
     def _check_lpips(self) -> None:
         """LPIPS weights are loaded once now, so a wrong file fails before any work."""
-        from evaluation.perceptual import LPIPS
+        from leakbench.evaluation.perceptual import LPIPS
 
         ev = self.evaluation
         if ev["lpips_weights"] is not None:
@@ -196,7 +195,7 @@ class ExperimentConfig:
         the meta device (no memory) for each dataset shape, so a bad parameter or cut fails now."""
         import torch
 
-        from splitnn.split import valid_cuts
+        from leakbench.splitnn.split import valid_cuts
 
         own_train = entry.train.model_dump(exclude_none=True)
         train = {**self.train, **own_train}
@@ -269,7 +268,7 @@ class ExperimentConfig:
 
     def cost(self) -> "Cost":
         """The grid's cell count and its largest per-cell memory estimate (see ``evaluation.cost``)."""
-        from evaluation.cost import Cost, cell_bytes
+        from leakbench.evaluation.cost import Cost, cell_bytes
 
         peak, where = 0, ""
         for info in self._infos:

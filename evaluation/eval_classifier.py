@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from evaluation.metrics import IMAGE_METRICS
-from splitnn.datasets import Dataset
-from splitnn.errors import check_number
-from splitnn.training import TrainConfig, train
+from leakbench.evaluation.metrics import IMAGE_METRICS
+from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.errors import check_number
+from leakbench.splitnn.training import TrainConfig, train
 
 #: The seed of every evaluation classifier (the targets use the config's seeds, 0 by default).
 EVALUATION_SEED = 1000

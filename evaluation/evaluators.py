@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from evaluation.config import Cell
-from evaluation.eval_classifier import EvaluationClassifier, get_evaluation_classifier
-from evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
-from splitnn.datasets import Dataset
-from splitnn.training import config_hash
+from leakbench.evaluation.config import Cell
+from leakbench.evaluation.eval_classifier import EvaluationClassifier, get_evaluation_classifier
+from leakbench.evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
+from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.training import config_hash
 
 
 class Evaluators:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Iterator, Protocol
 
 from tqdm.auto import tqdm
 
-from evaluation.config import Cell
-from evaluation.evaluators import Evaluators
-from splitnn.faults import WriteFailure
+from leakbench.evaluation.config import Cell
+from leakbench.evaluation.evaluators import Evaluators
+from leakbench.splitnn.faults import WriteFailure
 
 if TYPE_CHECKING:
-    from evaluation.runner import CellResult, Matrix
+    from leakbench.evaluation.runner import CellResult, Matrix
 
 
 class Executor(Protocol):
@@ -143,7 +143,7 @@ class Dask:
     def map(self, matrix: "Matrix", cells: list[Cell]) -> Iterator["CellResult"]:
         from dask.distributed import as_completed
 
-        from evaluation.runner import CellResult
+        from leakbench.evaluation.runner import CellResult
 
         if not cells:
             return

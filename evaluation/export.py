@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.store import IDENTITY_COLUMNS, ResultStore
-from splitnn.faults import writing
+from leakbench.evaluation.store import IDENTITY_COLUMNS, ResultStore
+from leakbench.splitnn.faults import writing
 
 FORMATS = ("csv", "parquet")
 

@@ -16,10 +16,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-import attacks  # noqa: E402
-from evaluation.metrics import IMAGE_METRICS  # noqa: E402
-from evaluation.store import current_rows  # noqa: E402
-from evaluation.tables import (ROW_GROUPS, distinguishing_params, matrix_table, missing_text,  # noqa: E402
+from leakbench import attacks  # noqa: E402
+from leakbench.evaluation.metrics import IMAGE_METRICS  # noqa: E402
+from leakbench.evaluation.store import current_rows  # noqa: E402
+from leakbench.evaluation.tables import (ROW_GROUPS, distinguishing_params, matrix_table, missing_text,  # noqa: E402
                                variant_labels)
 
 #: Axis titles of the metrics figures can plot.

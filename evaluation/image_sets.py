@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from splitnn.datasets import Dataset
+from leakbench.splitnn.datasets import Dataset
 
 #: Size of the validation slice at the end of the test split (at most a quarter of the split).
 TUNING_IMAGES = 32

@@ -15,8 +15,8 @@ import torch
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from evaluation.statistics import MIN_CI_SAMPLES, summarize
-from splitnn.training import accuracy
+from leakbench.evaluation.statistics import MIN_CI_SAMPLES, summarize
+from leakbench.splitnn.training import accuracy
 
 #: Pixel metrics computed for every reconstructed image, and whether higher means more leakage.
 PIXEL_METRICS: dict[str, bool] = {"mse": False, "psnr": True, "ssim": True}

@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING, Any, Callable
 import pandas as pd
 import torch
 
-from evaluation import figures
-from evaluation.config import Cell
-from evaluation.image_sets import attacked_indices
-from evaluation.store import ResultStore, current_rows, stale_line
-from evaluation.tables import compact_summary, matrix_latex, to_markdown
-from splitnn import datasets
-from splitnn.datasets import Dataset
-from splitnn.faults import writing
+from leakbench.evaluation import figures
+from leakbench.evaluation.config import Cell
+from leakbench.evaluation.image_sets import attacked_indices
+from leakbench.evaluation.store import ResultStore, current_rows, stale_line
+from leakbench.evaluation.tables import compact_summary, matrix_latex, to_markdown
+from leakbench.splitnn import datasets
+from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.faults import writing
 
 if TYPE_CHECKING:
-    from evaluation.runner import Matrix
+    from leakbench.evaluation.runner import Matrix
 
 
 @dataclass

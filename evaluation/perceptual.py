@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from splitnn.errors import ParameterError, check_choice
+from leakbench.splitnn.errors import ParameterError, check_choice
 
 #: LPIPS's backbone names and the torchvision models whose state dicts they read.
 BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}

@@ -13,15 +13,15 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from evaluation.config import Cell
-from evaluation.eval_classifier import CLASSIFIER_METRICS
-from evaluation.export import find_store
-from evaluation.metrics import IMAGE_METRICS
-from evaluation.outputs import reconstruction_grids, write_figures, write_text
-from evaluation.perceptual import LPIPS_UNAVAILABLE
-from evaluation.store import ResultStore, current_rows, stale_line
-from evaluation.tables import best_caption, matrix_html, matrix_latex, result_table
-from splitnn.faults import writing
+from leakbench.evaluation.config import Cell
+from leakbench.evaluation.eval_classifier import CLASSIFIER_METRICS
+from leakbench.evaluation.export import find_store
+from leakbench.evaluation.metrics import IMAGE_METRICS
+from leakbench.evaluation.outputs import reconstruction_grids, write_figures, write_text
+from leakbench.evaluation.perceptual import LPIPS_UNAVAILABLE
+from leakbench.evaluation.store import ResultStore, current_rows, stale_line
+from leakbench.evaluation.tables import best_caption, matrix_html, matrix_latex, result_table
+from leakbench.splitnn.faults import writing
 
 #: Title and one-line description of each figure, in report order.
 FIGURE_TEXT = {

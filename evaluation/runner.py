@@ -17,27 +17,26 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-import attacks
-import defenses
-from attacks.base import BUDGET_KEYS, Reconstruction
-from attacks.peel import stage_input_errors
-from evaluation import provenance
-from evaluation.attack_context import attack_cache_key, attack_context, denied
-from evaluation.config import Cell, ExperimentConfig
-from evaluation.evaluators import Evaluators
-from evaluation.image_sets import attacked_indices
-from evaluation.metrics import accuracy, image_metrics, summarize, worst_case
-from evaluation.store import ResultStore, row_fingerprint
-from splitnn import datasets
-from splitnn.datasets import Dataset
-from splitnn.errors import ParameterError
-from splitnn.faults import WriteFailure
-from splitnn.model import SplitModel
-from splitnn.split import split
-from splitnn.training import TrainedModel, config_hash, train
+from leakbench import attacks, defenses
+from leakbench.attacks.base import BUDGET_KEYS, Reconstruction
+from leakbench.attacks.peel import stage_input_errors
+from leakbench.evaluation import provenance
+from leakbench.evaluation.attack_context import attack_cache_key, attack_context, denied
+from leakbench.evaluation.config import Cell, ExperimentConfig
+from leakbench.evaluation.evaluators import Evaluators
+from leakbench.evaluation.image_sets import attacked_indices
+from leakbench.evaluation.metrics import accuracy, image_metrics, summarize, worst_case
+from leakbench.evaluation.store import ResultStore, row_fingerprint
+from leakbench.splitnn import datasets
+from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.faults import WriteFailure
+from leakbench.splitnn.model import SplitModel
+from leakbench.splitnn.split import split
+from leakbench.splitnn.training import TrainedModel, config_hash, train
 
 if TYPE_CHECKING:
-    from evaluation.executors import Executor
+    from leakbench.evaluation.executors import Executor
 
 
 class NonFiniteFeatures(RuntimeError):
@@ -199,7 +198,7 @@ class Matrix:
         """Compute every cell the store does not have as done or not applicable from the installed code (the
         same ``cell_fingerprint``), and every cell whose attack or defense ``recompute`` names; store each one
         as it arrives; a killed run loses at most the cells in flight."""
-        from evaluation.executors import Sequential
+        from leakbench.evaluation.executors import Sequential
 
         forced = self.forced(recompute)  # a bad name fails before any work
         executor = executor or Sequential()

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, TypeAdapter,
                       ValidationError)
 
-from evaluation.perceptual import BACKBONES
-from splitnn.errors import problem
-from splitnn.params import STRICT, Seed, expected_of
+from leakbench.evaluation.perceptual import BACKBONES
+from leakbench.splitnn.errors import problem
+from leakbench.splitnn.params import STRICT, Seed, expected_of
 
 #: Bounds on the grid's own lists: far above any real experiment, far below what exhausts a machine.
 MAX_LIST = 1000

@@ -31,18 +31,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-import attacks
-import defenses
-from evaluation.store_schema import (IO_CODES, SCHEMA_VERSION, SQLITE_NOTADB, StoreVersionError, add_columns,
+from leakbench import attacks, defenses
+from leakbench.evaluation.store_schema import (IO_CODES, SCHEMA_VERSION, SQLITE_NOTADB, StoreVersionError, add_columns,
                                      columns, error_code, migrate, needs_migration, open_read_only, stored_version)
-from splitnn.faults import write_failure
-from splitnn.fingerprint import code_fingerprint
+from leakbench.splitnn.faults import write_failure
+from leakbench.splitnn.fingerprint import code_fingerprint
 
 IDENTITY_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params", "attack", "attack_params", "seed"]
 
 #: The modules that compute a row besides its attack's and defense's: editing one makes every row stale.
-ROW_MODULES = ("evaluation.runner", "evaluation.metrics", "evaluation.evaluators", "evaluation.eval_classifier",
-               "evaluation.attack_context", "splitnn.training", "splitnn.split", "splitnn.datasets", "splitnn.zoo")
+ROW_MODULES = tuple(f"leakbench.{m}" for m in (
+    "evaluation.runner", "evaluation.metrics", "evaluation.evaluators", "evaluation.eval_classifier",
+    "evaluation.attack_context", "splitnn.training", "splitnn.split", "splitnn.datasets", "splitnn.zoo"))
 
 
 def row_fingerprint(config: dict[str, Any]) -> str | None:

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from splitnn.faults import writing
+from leakbench.splitnn.faults import writing
 
 LOCK_NAME = ".leakbench.lock"
 

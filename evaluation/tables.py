@@ -7,10 +7,10 @@ import json
 
 import pandas as pd
 
-import defenses
+from leakbench import defenses
 
-from evaluation.metrics import IMAGE_METRICS
-from evaluation.store import current_rows, params_text
+from leakbench.evaluation.metrics import IMAGE_METRICS
+from leakbench.evaluation.store import current_rows, params_text
 
 
 def format_params(text: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from splitnn.errors import ParameterError, short_repr
+from leakbench.splitnn.errors import ParameterError, short_repr
 
 MAX_BYTES = 1_000_000
 MAX_DEPTH = 20

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from splitnn.errors import ParameterError, check_number
-from splitnn.registry import Registry
+from leakbench.splitnn.errors import ParameterError, check_number
+from leakbench.splitnn.registry import Registry
 
 _registry: Registry["Dataset"] = Registry("dataset")
 #: name -> (number of classes, number of images): what validation needs, known without loading anything.

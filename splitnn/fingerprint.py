@@ -19,15 +19,18 @@ from typing import Iterable
 
 #: The distributions whose installed versions enter every fingerprint (an absent one counts as absent).
 PACKAGES = ("torch", "torchvision", "torchmetrics", "scikit-image", "piq", "opacus", "captum", "numpy", "scipy")
-#: The project's packages: imports of these are followed; anything else is covered by the versions.
+#: The project's packages (folders under ROOT): imports of these are followed; anything else is covered by the
+#: versions.
 PROJECT = ("contracts", "splitnn", "defenses", "attacks", "evaluation")
+#: The namespace they import under: ``leakbench.attacks.rmle`` is ``ROOT/attacks/rmle.py``.
+NAMESPACE = "leakbench"
 #: The directory that holds the project's packages.
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def code_fingerprint(*modules: str) -> str:
     """The fingerprint of the installed package versions and the source of ``modules`` (dotted names, e.g.
-    ``"attacks.rmle"``) with their project-internal imports; cached per process (``clear_cache``)."""
+    ``"leakbench.attacks.rmle"``) with their project-internal imports; cached per process (``clear_cache``)."""
     return _cached(ROOT, tuple(sorted(set(modules))))
 
 
@@ -91,11 +94,17 @@ class _Walk:
         return dict(sorted(self.texts.items()))
 
     # -- files ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _folders(name: str) -> list[str]:
+        """The folders of module ``name`` under the root: the namespace's subpackages are its top-level folders."""
+        parts = name.split(".")
+        return parts[1:] if parts[0] == NAMESPACE and len(parts) > 1 else parts
+
     def _locate(self, name: str) -> tuple[Path, bool] | None:
         """The file of module ``name`` and whether it is a package; outside the project, the loaded module's
         file (e.g. a plug-in defined in a test)."""
-        if name.split(".")[0] in self.packages:
-            base = self.root.joinpath(*name.split("."))
+        if self._project(name):
+            base = self.root.joinpath(*self._folders(name))
             if (base / "__init__.py").is_file():
                 return base / "__init__.py", True
             if base.with_suffix(".py").is_file():
@@ -122,7 +131,7 @@ class _Walk:
             self._read(".".join(parts[:i]))
 
     def _project(self, name: str) -> bool:
-        return name.split(".")[0] in self.packages
+        return name == NAMESPACE or self._folders(name)[0] in self.packages
 
     # -- imports --------------------------------------------------------------------------------------
     def _reference(self, name: str) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from splitnn.errors import ParameterError
+from leakbench.splitnn.errors import ParameterError
 
 #: Strict types (true is not 1, "1" is not a number), finite numbers, nothing unknown.
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)

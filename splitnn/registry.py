@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
 
-from splitnn.errors import ParameterError
+from leakbench.splitnn.errors import ParameterError
 
 T = TypeVar("T")
 

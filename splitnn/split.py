@@ -11,8 +11,8 @@ import torch.fx as fx
 import torchvision.models.resnet as tv_resnet
 from torch import nn
 
-from splitnn.errors import ParameterError
-from splitnn import zoo
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn import zoo
 
 #: Module classes traced as one node each (their internals never straddle a cut).
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (zoo.ResidualBlock, tv_resnet.BasicBlock, tv_resnet.Bottleneck)

@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from splitnn import datasets as datasets_mod
-from splitnn import zoo
-from splitnn.errors import ParameterError, check_number
-from splitnn.faults import set_aside, write_failure
-from splitnn.fingerprint import code_fingerprint
-from splitnn.hooks import TrainingHooks
+from leakbench.splitnn import datasets as datasets_mod
+from leakbench.splitnn import zoo
+from leakbench.splitnn.errors import ParameterError, check_number
+from leakbench.splitnn.faults import set_aside, write_failure
+from leakbench.splitnn.fingerprint import code_fingerprint
+from leakbench.splitnn.hooks import TrainingHooks
 
 CACHE_ENV = "LEAKBENCH_CACHE"
 
@@ -107,7 +107,7 @@ class TrainConfig:
     def checkpoint_fingerprint(self, hooks: TrainingHooks | None = None) -> str:
         """The fingerprint of the code a checkpoint of this config comes from: the training loop (with the zoo
         and datasets it imports) and the module of the training hooks, if any."""
-        return code_fingerprint("splitnn.training", *([type(hooks).__module__] if hooks is not None else []))
+        return code_fingerprint("leakbench.splitnn.training", *([type(hooks).__module__] if hooks is not None else []))
 
 
 @dataclass

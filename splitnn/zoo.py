@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from splitnn.errors import check_bool, check_choice, check_number
-from splitnn.registry import Registry
+from leakbench.splitnn.errors import check_bool, check_choice, check_number
+from leakbench.splitnn.registry import Registry
 
 _registry: Registry[nn.Module] = Registry("model")
 NORMS = ("batch", "none")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from splitnn import TrainConfig, datasets, split, train
+from leakbench.splitnn import TrainConfig, datasets, split, train
 
 SIZE = 16
 

@@ -3,15 +3,14 @@ transform defense, strictly better against noise, plain PEEL against a defense w
 import pytest
 import torch
 
-import attacks
-import defenses
+from leakbench import attacks, defenses
 from attack_fixtures import digits16, psnr, trained_split
-from attacks.base import AttackContext, Knowledge, PublicDefense
-from attacks.peel.readers import read_defense
-from attacks.peel import Masked, Noisy, register_reader
-from attacks.peel.readers import _readers
-from defenses import base as defense_base
-from splitnn.errors import ParameterError
+from leakbench.attacks.base import AttackContext, Knowledge, PublicDefense
+from leakbench.attacks.peel.readers import read_defense
+from leakbench.attacks.peel import Masked, Noisy, register_reader
+from leakbench.attacks.peel.readers import _readers
+from leakbench.defenses import base as defense_base
+from leakbench.splitnn.errors import ParameterError
 
 BUDGET = {"max_iter": 30, "refine_iter": 150}
 

@@ -6,15 +6,14 @@ from dataclasses import fields
 import pytest
 import torch
 
-import attacks
-import defenses
+from leakbench import attacks, defenses
 from attack_fixtures import digits16
-from attacks.base import BUDGET_KEYS, AttackContext, Knowledge, PublicDefense
-from contracts import GRANTS, MissingContext
-from defenses import base as defense_base
-from evaluation import Matrix, ResultStore, load_config
-from evaluation.attack_context import attack_context, auxiliary_split, denied, query_oracle
-from splitnn import split, zoo
+from leakbench.attacks.base import BUDGET_KEYS, AttackContext, Knowledge, PublicDefense
+from leakbench.contracts import GRANTS, MissingContext
+from leakbench.defenses import base as defense_base
+from leakbench.evaluation import Matrix, ResultStore, load_config
+from leakbench.evaluation.attack_context import attack_context, auxiliary_split, denied, query_oracle
+from leakbench.splitnn import split, zoo
 
 
 #: The base of a feature defense (``FeatureDefense`` once the defenses have two bases; ``Defense`` before).
@@ -54,7 +53,7 @@ evaluation: {num_images: 2}
 
 @pytest.fixture
 def secret_key(monkeypatch):
-    from defenses.registry import _registry
+    from leakbench.defenses.registry import _registry
 
     monkeypatch.setitem(_registry._factories, "secret_key", SecretKeyDefense)
     monkeypatch.setattr(SecretKeyDefense, "name", "secret_key")
@@ -177,7 +176,7 @@ def test_the_context_reduces_a_defense_object_to_its_public_view():
 
 def test_a_library_call_needs_only_the_image_shape():
     """The README's call: no runner, only what a white-box attacker has."""
-    from attacks import AttackContext as Context  # the public name
+    from leakbench.attacks import AttackContext as Context  # the public name
 
     client, _ = split(zoo.get("resnet20").eval(), "layer1")
     with torch.no_grad():
@@ -189,8 +188,8 @@ def test_a_library_call_needs_only_the_image_shape():
 
 def test_the_depth_figure_reads_the_attack_declaration(monkeypatch):
     """Which attacks' rows carry per-block errors comes from ``Attack.reports_block_errors``, not a name."""
-    from attacks.registry import _registry
-    from evaluation.figures import _reports_block_errors
+    from leakbench.attacks.registry import _registry
+    from leakbench.evaluation.figures import _reports_block_errors
 
     class Chained(attacks.Attack):
         reports_block_errors = True

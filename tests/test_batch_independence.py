@@ -8,11 +8,10 @@ sizes, which differs by CPU; the last test shows the check fails once samples ar
 import pytest
 import torch
 
-import attacks
-import attacks.optim
-import defenses
-from attacks.base import AttackContext, PublicDefense
-from splitnn import split, zoo
+import leakbench.attacks.optim  # noqa: F401  (attacks.optim is used as an attribute)
+from leakbench import attacks, defenses
+from leakbench.attacks.base import AttackContext, PublicDefense
+from leakbench.splitnn import split, zoo
 from attack_fixtures import randomise_batchnorm
 
 TOLERANCE = 1e-5

@@ -8,8 +8,8 @@ import pytest
 import scipy.optimize
 import torch
 
-from attacks.box_lbfgs import minimize_box
-from attacks.optim import fit_input
+from leakbench.attacks.box_lbfgs import minimize_box
+from leakbench.attacks.optim import fit_input
 
 
 def _quadratic(a: torch.Tensor, b: torch.Tensor):

@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from evaluation.cli import main
+from leakbench.evaluation.cli import main
 
 GOOD = """
 name: tiny

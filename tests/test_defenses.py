@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import defenses
-from splitnn import ParameterError
+from leakbench import defenses
+from leakbench.splitnn import ParameterError
 
 
 def test_noise_of_scale_zero_is_the_identity():

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-import defenses
-from defenses.dp_sgd import PrivacyBudgetExceeded
-from defenses.nopeek import distance_correlation
-from evaluation import Matrix, ResultStore, load_config
-from evaluation.cli import main
-from splitnn import ParameterError, TrainConfig, datasets, split, train
-from splitnn.datasets import Dataset
-from splitnn.split import max_split_error
-from splitnn.training import config_hash, fit
+from leakbench import defenses
+from leakbench.defenses.dp_sgd import PrivacyBudgetExceeded
+from leakbench.defenses.nopeek import distance_correlation
+from leakbench.evaluation import Matrix, ResultStore, load_config
+from leakbench.evaluation.cli import main
+from leakbench.splitnn import ParameterError, TrainConfig, datasets, split, train
+from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.split import max_split_error
+from leakbench.splitnn.training import config_hash, fit
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_groupnorm_baseline_is_the_same_architecture_without_dp():
 
 
 def _resnet() -> nn.Module:
-    from splitnn import zoo
+    from leakbench.splitnn import zoo
     return zoo.get("resnet20", num_classes=10)
 
 

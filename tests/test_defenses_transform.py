@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-import defenses
-from defenses.noise import analytic_gaussian_sigma, classic_gaussian_sigma, gaussian_delta
-from splitnn import ParameterError
+from leakbench import defenses
+from leakbench.defenses.noise import analytic_gaussian_sigma, classic_gaussian_sigma, gaussian_delta
+from leakbench.splitnn import ParameterError
 
 #: The parameters at which each transform defense does nothing (its strength 0), as each class declares them.
 STRENGTH_ZERO = {n: defenses.defense_class(n).strength_zero for n in defenses.names()

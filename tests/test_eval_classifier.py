@@ -4,14 +4,15 @@ import pytest
 import torch
 import torchvision
 
-from evaluation import Matrix, ResultStore, load_config
-from evaluation.config import ConfigError, ExperimentConfig
-from evaluation.eval_classifier import EVALUATION_RECIPE, EVALUATION_SEED, get_evaluation_classifier, weights_digest
-from evaluation.evaluators import Evaluators
-from evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
-from splitnn import datasets
-from splitnn.errors import ParameterError
-from splitnn.training import TrainConfig, train
+from leakbench.evaluation import Matrix, ResultStore, load_config
+from leakbench.evaluation.config import ConfigError, ExperimentConfig
+from leakbench.evaluation.eval_classifier import (EVALUATION_RECIPE, EVALUATION_SEED, get_evaluation_classifier,
+                                                  weights_digest)
+from leakbench.evaluation.evaluators import Evaluators
+from leakbench.evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
+from leakbench.splitnn import datasets
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.training import TrainConfig, train
 from test_cli import GOOD, _write  # the tiny two-cell config (ResNet-20 on digits, rMLE, 2 images)
 
 

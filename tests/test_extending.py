@@ -7,14 +7,14 @@ import textwrap
 import pytest
 import torch
 
-import defenses
-from attacks.peel import register_reader
-from attacks.peel.observation import Masked
-from defenses import FeatureDefense
-from evaluation import ResultStore
-from evaluation.cli import main
-from splitnn import ParameterError
-from splitnn.params import NonNegative, Seed
+from leakbench import defenses
+from leakbench.attacks.peel import register_reader
+from leakbench.attacks.peel.observation import Masked
+from leakbench.defenses import FeatureDefense
+from leakbench.evaluation import ResultStore
+from leakbench.evaluation.cli import main
+from leakbench.splitnn import ParameterError
+from leakbench.splitnn.params import NonNegative, Seed
 
 
 class ZeroSmall(FeatureDefense):

@@ -24,20 +24,20 @@ import pytest
 import torch
 from torch import nn
 
-import attacks.rmle
-import defenses
-import evaluation.runner
-import splitnn.training
-from attacks.cache import cached_module
-from evaluation import Matrix, ResultStore, load_config
-from evaluation.cli import main
-from evaluation.executors import Dask
-from evaluation.image_sets import attacked_indices
-from evaluation.store import SCHEMA_VERSION, StoreVersionError
-from evaluation.store_lock import LOCK_NAME, RunLock, StoreBusy, holder
-from splitnn import datasets
-from splitnn.faults import CorruptCacheWarning, WriteFailure
-from splitnn.training import TrainConfig, atomic_save, train
+import leakbench.attacks.rmle  # noqa: F401  (the submodules below are used as attributes)
+import leakbench.evaluation.runner  # noqa: F401
+import leakbench.splitnn.training  # noqa: F401
+from leakbench import attacks, defenses, evaluation, splitnn
+from leakbench.attacks.cache import cached_module
+from leakbench.evaluation import Matrix, ResultStore, load_config
+from leakbench.evaluation.cli import main
+from leakbench.evaluation.executors import Dask
+from leakbench.evaluation.image_sets import attacked_indices
+from leakbench.evaluation.store import SCHEMA_VERSION, StoreVersionError
+from leakbench.evaluation.store_lock import LOCK_NAME, RunLock, StoreBusy, holder
+from leakbench.splitnn import datasets
+from leakbench.splitnn.faults import CorruptCacheWarning, WriteFailure
+from leakbench.splitnn.training import TrainConfig, atomic_save, train
 
 #: Two cells (undefended and noise, rMLE for 5 iterations, 2 images, no judge): about a second from the cache.
 TINY = """
@@ -624,7 +624,7 @@ def test_a_perfect_reconstruction_has_infinite_psnr_in_the_run_summary_and_the_r
     truth = data.x_test[attacked_indices(data, 0, 2)]
 
     def perfect(self, client, features, **ctx):
-        from attacks.base import Reconstruction
+        from leakbench.attacks.base import Reconstruction
 
         return Reconstruction(truth.clone(), {"budget": {}})
 
@@ -735,7 +735,7 @@ def test_a_column_added_by_another_writer_meanwhile_does_not_abort_a_write(tmp_p
 # -- report and export: write errors ------------------------------------------------------------------------------
 def _hand_written_store(folder: Path) -> Path:
     """A store with one current done cell (rMLE, undefended), written without running anything."""
-    from evaluation.store import row_fingerprint
+    from leakbench.evaluation.store import row_fingerprint
 
     config = _cell_config("one")
     with ResultStore(folder / "results.sqlite") as store:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-import defenses
-from attacks.cache import cached_module
-from splitnn import TrainConfig, datasets, fingerprint, train
-from splitnn.fingerprint import ROOT, code_fingerprint, sources
+from leakbench import defenses
+from leakbench.attacks.cache import cached_module
+from leakbench.splitnn import TrainConfig, datasets, fingerprint, train
+from leakbench.splitnn.fingerprint import ROOT, code_fingerprint, sources
 
 #: A tiny two-package project: ``pa``'s __init__ is a registry importing every plug-in.
 MINI = {
@@ -70,32 +70,34 @@ def test_versions_enter_the_hash_and_paths_do_not(tmp_path):
 
 
 def test_code_fingerprint_uses_the_installed_versions(monkeypatch):
-    before = code_fingerprint("attacks.rmle")
-    assert before == fingerprint.fingerprint(["attacks.rmle"]) and len(before) == 16
+    before = code_fingerprint("leakbench.attacks.rmle")
+    assert before == fingerprint.fingerprint(["leakbench.attacks.rmle"]) and len(before) == 16
     fingerprint.clear_cache()
     monkeypatch.setattr(fingerprint, "installed_versions", lambda: {"torch": "0"})
     try:
-        assert code_fingerprint("attacks.rmle") != before
+        assert code_fingerprint("leakbench.attacks.rmle") != before
     finally:
         monkeypatch.undo()
         fingerprint.clear_cache()
-    assert code_fingerprint("attacks.rmle") == before
+    assert code_fingerprint("leakbench.attacks.rmle") == before
 
 
 def _project_copy(tmp_path):
-    for package in fingerprint.PROJECT:
+    for package in (*fingerprint.PROJECT, fingerprint.NAMESPACE):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
 
 def test_editing_rmle_changes_the_attacks_that_use_it_and_not_the_others(tmp_path):
     root = _project_copy(tmp_path)
-    modules = ["attacks.rmle", "attacks.shadow", "attacks.inverse_net", "defenses.noise", "splitnn.training"]
+    modules = [f"leakbench.{m}" for m in ("attacks.rmle", "attacks.shadow", "attacks.inverse_net", "defenses.noise",
+                                          "splitnn.training")]
     before = {m: fingerprint.fingerprint([m], root=root) for m in modules}
     assert before == {m: code_fingerprint(m) for m in modules}  # the copy hashes like the installed tree
     _edit(root / "attacks" / "rmle.py")
     changed = {m for m in modules if fingerprint.fingerprint([m], root=root) != before[m]}
-    assert changed == {"attacks.rmle", "attacks.shadow"}  # shadow inverts with rMLE; the others do not use it
+    # shadow inverts with rMLE; the others do not use it
+    assert changed == {"leakbench.attacks.rmle", "leakbench.attacks.shadow"}
 
 
 def test_a_checkpoint_of_other_training_code_is_not_loaded(tmp_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_a_checkpoint_of_other_training_code_is_not_loaded(tmp_path, monkeypatch
     assert train(config, tmp_path, data=data, progress=False).from_cache
     assert first.path.name == f"{config.key()}-{config.checkpoint_fingerprint()}.pt"
     assert '"code_fingerprint"' in first.path.with_suffix(".json").read_text()
-    monkeypatch.setattr("splitnn.training.code_fingerprint", lambda *modules: "other-code")
+    monkeypatch.setattr("leakbench.splitnn.training.code_fingerprint", lambda *modules: "other-code")
     again = train(config, tmp_path, data=data, progress=False)
     assert not again.from_cache and again.path != first.path
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(
@@ -115,9 +117,9 @@ def test_a_checkpoint_of_other_training_code_is_not_loaded(tmp_path, monkeypatch
 def test_a_training_defense_module_enters_the_checkpoint_fingerprint(monkeypatch):
     config = TrainConfig("resnet20", "digits", defense={"name": "nopeek", "params": {}}, cut="layer1")
     seen = []
-    monkeypatch.setattr("splitnn.training.code_fingerprint", lambda *modules: seen.append(modules) or "x")
+    monkeypatch.setattr("leakbench.splitnn.training.code_fingerprint", lambda *modules: seen.append(modules) or "x")
     config.checkpoint_fingerprint(defenses.hooks_for(config))
-    assert seen == [("splitnn.training", "defenses.nopeek")]
+    assert seen == [("leakbench.splitnn.training", "leakbench.defenses.nopeek")]
 
 
 def test_an_attack_cache_of_other_code_is_not_loaded(tmp_path, monkeypatch):
@@ -133,7 +135,7 @@ def test_an_attack_cache_of_other_code_is_not_loaded(tmp_path, monkeypatch):
     assert not hit
     module, hit = cached_module(nn.Linear(2, 2), "inverse_net", key, tmp_path, fit)
     assert hit and module.weight.eq(1).all() and len(trained) == 1
-    monkeypatch.setattr("attacks.cache.class_fingerprint", lambda cls: "other-code")
+    monkeypatch.setattr("leakbench.attacks.cache.class_fingerprint", lambda cls: "other-code")
     module, hit = cached_module(nn.Linear(2, 2), "inverse_net", key, tmp_path, fit)
     assert not hit and module.weight.eq(2).all()
     assert len(list((tmp_path / "attacks").glob("inverse_net-*.pt"))) == 2
@@ -143,12 +145,12 @@ def test_an_attack_cache_of_other_code_is_not_loaded(tmp_path, monkeypatch):
 
 
 def test_the_runner_fingerprints_the_attack_the_defense_and_the_row_code(tmp_path, monkeypatch):
-    from evaluation import load_config, runner, store
+    from leakbench.evaluation import load_config, runner, store
     from test_cli import GOOD, _write
 
     seen = []
     monkeypatch.setattr(store, "code_fingerprint", lambda *modules: seen.append(modules) or "fp")
     cells = load_config(_write(tmp_path, GOOD)).cells()
     assert runner.Matrix.cell_fingerprint(cells[1]) == "fp"
-    assert seen == [("attacks.rmle", "defenses.noise", *store.ROW_MODULES)]
+    assert seen == [("leakbench.attacks.rmle", "leakbench.defenses.noise", *store.ROW_MODULES)]
 

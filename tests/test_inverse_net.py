@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-import attacks
-import defenses
+from leakbench import attacks, defenses
 from attack_fixtures import digits16, trained_split
-from attacks.base import AttackContext, Knowledge
-from evaluation.attack_context import auxiliary_split, query_oracle
-from splitnn.errors import ParameterError
+from leakbench.attacks.base import AttackContext, Knowledge
+from leakbench.evaluation.attack_context import auxiliary_split, query_oracle
+from leakbench.splitnn.errors import ParameterError
 
 
 @pytest.fixture(scope="module")

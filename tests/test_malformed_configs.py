@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from evaluation.cli import main
+from leakbench.evaluation.cli import main
 
 GOOD = textwrap.dedent("""\
     name: tiny

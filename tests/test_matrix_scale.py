@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-import defenses
-from evaluation import ConfigError, ExperimentConfig, Matrix, ResultStore, load_config
-from evaluation.cli import main
-from splitnn.training import CACHE_ENV
+from leakbench import defenses
+from leakbench.evaluation import ConfigError, ExperimentConfig, Matrix, ResultStore, load_config
+from leakbench.evaluation.cli import main
+from leakbench.splitnn.training import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ["accuracy", "mse", "psnr", "ssim", "psnr_ci_low", "psnr_ci_high"]
@@ -118,9 +118,9 @@ def test_non_finite_features_fail_the_cell_not_the_run(config_path, tmp_path, mo
 #: first is then stored) and waits there: the test's SIGKILL lands mid-grid on any machine, at any speed.
 KILLABLE_RUN = """
 import sys
-from evaluation import runner
-from evaluation.cli import main
-from splitnn.training import CACHE_ENV
+from leakbench.evaluation import runner
+from leakbench.evaluation.cli import main
+from leakbench.splitnn.training import CACHE_ENV
 
 compute, started = runner.Matrix.compute_cell, []
 
@@ -176,7 +176,7 @@ def test_run_killed_mid_grid_resumes_without_losing_or_repeating_cells(config_pa
 # -- Dask -----------------------------------------------------------------------------------------
 def test_dask_local_cluster_gives_the_same_rows_as_sequential(config_path, tmp_path):
     pytest.importorskip("dask.distributed")
-    from evaluation.executors import Dask
+    from leakbench.evaluation.executors import Dask
 
     config = load_config(config_path)
     cache = os.environ[CACHE_ENV]  # the session's: the evaluation classifier is trained once, not per test
@@ -199,7 +199,7 @@ def test_dask_local_cluster_gives_the_same_rows_as_sequential(config_path, tmp_p
 
 def test_a_cell_failing_on_a_dask_worker_is_stored_as_failed(config_path, tmp_path):
     pytest.importorskip("dask.distributed")
-    from evaluation.executors import Dask
+    from leakbench.evaluation.executors import Dask
 
     config_path.write_text(textwrap.dedent(CONFIG).replace("  - {name: peel, params: {max_iter: 5, "
                                                             "refine_iter: 5, also_from_grey: false}}\n", ""))

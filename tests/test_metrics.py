@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from evaluation.metrics import CELL_METRICS, image_metrics, worst_case
+from leakbench.evaluation.metrics import CELL_METRICS, image_metrics, worst_case
 
 SHAPES = [(3, 32, 32), (1, 32, 32), (3, 25, 25)]
 NOISE = [0.02, 0.1, 0.3]

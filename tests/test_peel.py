@@ -5,12 +5,12 @@ import torch
 import torchvision
 from torch import nn
 
-import attacks
-from attacks import AttackContext
-from attacks.peel import PEEL, UnsupportedLayerError, extract_stages, invert_block, stage_input_errors
-from attacks.peel.chain import chain
-from splitnn import split, zoo
-from splitnn.zoo import BasicBlock
+from leakbench import attacks
+from leakbench.attacks import AttackContext
+from leakbench.attacks.peel import PEEL, UnsupportedLayerError, extract_stages, invert_block, stage_input_errors
+from leakbench.attacks.peel.chain import chain
+from leakbench.splitnn import split, zoo
+from leakbench.splitnn.zoo import BasicBlock
 from attack_fixtures import randomise_batchnorm
 
 
@@ -128,7 +128,7 @@ def test_unsupported_layer_is_named():
 
 
 def test_bottleneck_blocks_are_inverted():
-    from splitnn.zoo import Bottleneck
+    from leakbench.splitnn.zoo import Bottleneck
 
     authors = Bottleneck(16, 4, norm="none", post_relu=False).double().eval()  # 16 -> 16 channels, identity
     x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
@@ -213,7 +213,7 @@ def test_refinement_keeps_the_better_start_per_sample_and_reports_its_budget():
 @pytest.mark.parametrize("in_planes, planes, stride, kind", [
     (8, 8, 1, "identity"), (8, 8, 2, "subsample"), (8, 16, 2, "conv")])
 def test_ir_blocks_with_prelu_are_inverted(in_planes, planes, stride, kind):
-    from splitnn.zoo import IRBlock
+    from leakbench.splitnn.zoo import IRBlock
 
     block = IRBlock(in_planes, planes, stride).double().eval()
     randomise_batchnorm(block)
@@ -287,8 +287,8 @@ def test_prelu_branch_blocks_are_inverted_exactly(block_type):
 
 
 def test_the_paper_solver_uses_the_prelu_slope(monkeypatch):
-    from attacks.peel import paper_solver
-    from attacks.peel.stages import _block
+    from leakbench.attacks.peel import paper_solver
+    from leakbench.attacks.peel.stages import _block
 
     torch.manual_seed(0)
     block = BasicBlock(8, 8, norm="none", post_relu=False, activation="prelu")
@@ -319,7 +319,7 @@ def test_prelu_resnet_splits_exactly_and_its_stages_reproduce_the_client():
 
 
 def test_budget_parameters_are_validated_and_the_time_cap_is_kept(monkeypatch):
-    from splitnn.errors import ParameterError
+    from leakbench.splitnn.errors import ParameterError
 
     for params, key in [({"max_evaluations": 1}, "max_evaluations"), ({"max_evaluations": 10 ** 9}, "max_evaluations"),
                         ({"max_seconds": 0}, "max_seconds"), ({"max_seconds": 1e9}, "max_seconds"),

@@ -6,10 +6,10 @@ import textwrap
 import pandas as pd
 import pytest
 
-import attacks
-from evaluation import figures
-from evaluation.cli import main
-from evaluation.tables import best_rows, matrix_latex, matrix_markdown, matrix_table
+from leakbench import attacks
+from leakbench.evaluation import figures
+from leakbench.evaluation.cli import main
+from leakbench.evaluation.tables import best_rows, matrix_latex, matrix_markdown, matrix_table
 from test_runner import CONFIG  # the tiny 4-cell config: none/noise x rMLE/PEEL, ResNet-20 on digits, 3 images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -98,8 +98,8 @@ def test_figures_are_valid_png_and_pdf(frame, tmp_path):
 
 def test_infinite_psnr_with_null_cis_goes_through_every_table_and_figure(frame, tmp_path):
     """A perfect reconstruction has PSNR +inf and no CI (the bootstrap of infinite values is undefined)."""
-    from evaluation.outputs import write_figures
-    from evaluation.tables import compact_summary, matrix_html, to_markdown
+    from leakbench.evaluation.outputs import write_figures
+    from leakbench.evaluation.tables import compact_summary, matrix_html, to_markdown
 
     perfect = frame.copy()
     perfect.loc[perfect.attack == "peel", ["psnr", "psnr_ci_low", "psnr_ci_high"]] = [float("inf"), None, None]
@@ -187,8 +187,8 @@ def test_report_images_render_in_headless_chromium(tiny_run):
 def test_one_reconstruction_grid_per_dataset_and_a_reason_when_one_cannot_load(tmp_path):
     import torch
 
-    from evaluation import ResultStore, load_config
-    from evaluation.outputs import reconstruction_grids, write_figures
+    from leakbench.evaluation import ResultStore, load_config
+    from leakbench.evaluation.outputs import reconstruction_grids, write_figures
     from test_cli import GOOD, _write
 
     base = load_config(_write(tmp_path, GOOD)).cells()[0].config
@@ -208,7 +208,7 @@ def test_one_reconstruction_grid_per_dataset_and_a_reason_when_one_cannot_load(t
 
 
 def test_compact_summary_names_accuracy_each_attack_with_its_ci_and_the_strongest(frame):
-    from evaluation.tables import compact_summary
+    from leakbench.evaluation.tables import compact_summary
 
     lines = compact_summary(frame).splitlines()
     rows = {line.split("  ")[0].strip(): line for line in lines[3:]}
@@ -224,7 +224,7 @@ def test_compact_summary_names_accuracy_each_attack_with_its_ci_and_the_stronges
 def test_compact_summary_fits_100_columns_on_a_realistic_frame(frame):
     """Two cuts x four defenses x five attack variants with long names: letters with a legend, every line within
     100 characters, and the attacks that do not fit on one line continue in a second block."""
-    from evaluation.tables import compact_summary
+    from leakbench.evaluation.tables import compact_summary
 
     variants = [{"refine": True, "solver": "torch"}, {"refine": False, "solver": "paper"},
                 {"refine": False, "solver": "torch"}]

@@ -3,11 +3,11 @@ import time
 import pytest
 import torch
 
-import attacks
-from attacks.base import BUDGET_KEYS, AttackContext
-from attacks.priors import total_variation
-from splitnn import split, zoo
-from splitnn.errors import ParameterError
+from leakbench import attacks
+from leakbench.attacks.base import BUDGET_KEYS, AttackContext
+from leakbench.attacks.priors import total_variation
+from leakbench.splitnn import split, zoo
+from leakbench.splitnn.errors import ParameterError
 
 
 def test_rmle_recovers_the_image_through_the_stem():

@@ -4,9 +4,9 @@ import textwrap
 import pandas as pd
 import pytest
 
-import attacks
-from evaluation import Matrix, ResultStore, load_config
-from evaluation.cli import main
+from leakbench import attacks
+from leakbench.evaluation import Matrix, ResultStore, load_config
+from leakbench.evaluation.cli import main
 
 CONFIG = """
 name: tiny
@@ -126,9 +126,9 @@ def _edit_peel_in_a_copy(root, monkeypatch):
     """Copy the project's packages to ``root``, edit PEEL there and make the fingerprints read that copy."""
     import shutil
 
-    from splitnn import fingerprint
+    from leakbench.splitnn import fingerprint
 
-    for package in fingerprint.PROJECT:
+    for package in (*fingerprint.PROJECT, fingerprint.NAMESPACE):
         shutil.copytree(fingerprint.ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     attack = root / "attacks" / "peel" / "attack.py"
     attack.write_text(attack.read_text() + "\n# an edit\n")

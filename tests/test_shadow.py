@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-import attacks
+from leakbench import attacks
 from attack_fixtures import digits16, trained_split
-from attacks.base import AttackContext, Knowledge
-from attacks.shadow import fresh_copy, reinitialise, shadow_init_seed
-from evaluation.attack_context import auxiliary_split
-from evaluation.eval_classifier import get_evaluation_classifier
-from splitnn import TrainConfig, split, train, zoo
-from splitnn.errors import ParameterError
+from leakbench.attacks.base import AttackContext, Knowledge
+from leakbench.attacks.shadow import fresh_copy, reinitialise, shadow_init_seed
+from leakbench.evaluation.attack_context import auxiliary_split
+from leakbench.evaluation.eval_classifier import get_evaluation_classifier
+from leakbench.splitnn import TrainConfig, split, train, zoo
+from leakbench.splitnn.errors import ParameterError
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import torch
 import torchvision
 from torch import nn
 
-from splitnn import ParameterError, SplitModel, split, valid_cuts, zoo
+from leakbench.splitnn import ParameterError, SplitModel, split, valid_cuts, zoo
 
 
 def _assert_exact(model, cut, x):

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from evaluation.compare import compare
-from evaluation.statistics import MIN_CI_SAMPLES, N_RESAMPLES, PairedDifference, paired_difference, summarize
+from leakbench.evaluation.compare import compare
+from leakbench.evaluation.statistics import MIN_CI_SAMPLES, N_RESAMPLES, PairedDifference, paired_difference, summarize
 
 
 def test_bca_interval_covers_a_skewed_mean_at_small_n():

@@ -1,6 +1,6 @@
 import torch
 
-from splitnn import TrainConfig, datasets, train
+from leakbench.splitnn import TrainConfig, datasets, train
 
 
 def test_digits_dataset_is_fixed_stratified_and_in_range():

@@ -1,10 +1,10 @@
 """PEEL: backward, block-by-block feature inversion of residual networks."""
-from attacks.peel.attack import PEEL
-from attacks.peel.chain import stage_input_errors, true_input_errors
-from attacks.peel.observation import Exact, Masked, Noisy, Quantized
-from attacks.peel.readers import read_defense, reader_for, register_reader
-from attacks.peel.solver import invert_block, invert_stage
-from attacks.peel.stages import Stage, UnsupportedLayerError, extract_stages, fold_conv_bn
+from leakbench.attacks.peel.attack import PEEL
+from leakbench.attacks.peel.chain import stage_input_errors, true_input_errors
+from leakbench.attacks.peel.observation import Exact, Masked, Noisy, Quantized
+from leakbench.attacks.peel.readers import read_defense, reader_for, register_reader
+from leakbench.attacks.peel.solver import invert_block, invert_stage
+from leakbench.attacks.peel.stages import Stage, UnsupportedLayerError, extract_stages, fold_conv_bn
 
 __all__ = ["PEEL", "Exact", "Masked", "Noisy", "Quantized", "read_defense", "reader_for", "register_reader",
            "invert_block", "invert_stage", "Stage", "UnsupportedLayerError", "extract_stages",

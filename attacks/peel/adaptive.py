@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, fit_input
-from attacks.peel.chain import chain
-from attacks.peel.observation import Exact
-from attacks.peel.readers import read_defense, register_reader
-from attacks.peel.solver import warm_start
-from attacks.peel.stages import Stage
-from attacks.priors import combined, relu_violation, squared_error
+from leakbench.attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, fit_input
+from leakbench.attacks.peel.chain import chain
+from leakbench.attacks.peel.observation import Exact
+from leakbench.attacks.peel.readers import read_defense, register_reader
+from leakbench.attacks.peel.solver import warm_start
+from leakbench.attacks.peel.stages import Stage
+from leakbench.attacks.priors import combined, relu_violation, squared_error
 
 __all__ = ["invert_stage_adaptive", "read_defense", "refine_adaptive", "register_reader"]
 

@@ -7,19 +7,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackContext, Dtype, Evaluations, Knowledge, Reconstruction, budget
-from attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, relative_residual
-from attacks.peel.adaptive import invert_stage_adaptive, refine_adaptive
-from attacks.peel.observation import Exact
-from attacks.peel.readers import read_defense
-from attacks.peel.chain import chain, end_to_end_loss
-from attacks.peel.paper_solver import invert_stage_paper
-from attacks.peel.solver import invert_stage
-from attacks.peel.stages import Stage, UnsupportedLayerError, build_stages, extract_stages
-from attacks.priors import tv_prior
-from attacks.registry import register
-from splitnn.errors import ParameterError
-from splitnn.params import Count, NonNegative, Seconds
+from leakbench.attacks.base import Attack, AttackContext, Dtype, Evaluations, Knowledge, Reconstruction, budget
+from leakbench.attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, relative_residual
+from leakbench.attacks.peel.adaptive import invert_stage_adaptive, refine_adaptive
+from leakbench.attacks.peel.observation import Exact
+from leakbench.attacks.peel.readers import read_defense
+from leakbench.attacks.peel.chain import chain, end_to_end_loss
+from leakbench.attacks.peel.paper_solver import invert_stage_paper
+from leakbench.attacks.peel.solver import invert_stage
+from leakbench.attacks.peel.stages import Stage, UnsupportedLayerError, build_stages, extract_stages
+from leakbench.attacks.priors import tv_prior
+from leakbench.attacks.registry import register
+from leakbench.splitnn.errors import ParameterError
+from leakbench.splitnn.params import Count, NonNegative, Seconds
 
 
 def stage_bounds(stages: list[Stage], index: int) -> tuple[float | None, float | None]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attacks.priors import Forward, Loss, relu_consistency, squared_error
-from attacks.peel.stages import Stage, extract_stages
+from leakbench.attacks.priors import Forward, Loss, relu_consistency, squared_error
+from leakbench.attacks.peel.stages import Stage, extract_stages
 
 
 def chain(stages: list[Stage]) -> Forward:

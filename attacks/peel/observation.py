@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from attacks.priors import (Forward, Loss, binned_error, binned_error_through_relu, least_norm, masked_error,
+from leakbench.attacks.priors import (Forward, Loss, binned_error, binned_error_through_relu, least_norm, masked_error,
                             masked_error_through_relu, squared_error, sum_per_sample, total_variation, tv_prior)
 
 #: Quantization: weight of the squared distance outside a bin, against the squared distance to its centre.

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attacks.optim import project, relative_residual
-from attacks.peel.stages import Stage
+from leakbench.attacks.optim import project, relative_residual
+from leakbench.attacks.peel.stages import Stage
 
 PAPER_LR = 0.01
 PAPER_ITERATIONS = 1000

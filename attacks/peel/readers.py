@@ -9,12 +9,12 @@ from typing import Any, Callable
 
 import torch
 
-from attacks.base import PublicDefense
-from attacks.peel.observation import Exact, Masked, Noisy, Quantized, Unmodelled
-from defenses.noise import FeatureDP, GaussianNoise, LaplaceNoise, NoDefense
-from defenses.pruning import Pruning
-from defenses.sparsify import CutDropout, Quantization, TopK
-from splitnn.batch import per_sample
+from leakbench.attacks.base import PublicDefense
+from leakbench.attacks.peel.observation import Exact, Masked, Noisy, Quantized, Unmodelled
+from leakbench.defenses.noise import FeatureDP, GaussianNoise, LaplaceNoise, NoDefense
+from leakbench.defenses.pruning import Pruning
+from leakbench.defenses.sparsify import CutDropout, Quantization, TopK
+from leakbench.splitnn.batch import per_sample
 
 Reader = Callable[[PublicDefense, torch.Tensor], Exact]
 _readers: dict[type, Reader] = {}

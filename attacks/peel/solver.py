@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.optim import fit_input, project, sample_residuals
-from attacks.peel.stages import Stage, _block, shortcut_start
-from attacks.priors import least_norm, relu_consistency, relu_violation
-from splitnn.batch import per_sample, sample_norms
+from leakbench.attacks.optim import fit_input, project, sample_residuals
+from leakbench.attacks.peel.stages import Stage, _block, shortcut_start
+from leakbench.attacks.priors import least_norm, relu_consistency, relu_violation
+from leakbench.splitnn.batch import per_sample, sample_norms
 
 
 def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | None, upper: float | None,

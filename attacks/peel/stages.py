@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import torchvision.models.resnet as tv_resnet
 from torch import nn
 
-from splitnn import zoo
-from splitnn.split import BLOCK_TYPES, client_modules
+from leakbench.splitnn import zoo
+from leakbench.splitnn.split import BLOCK_TYPES, client_modules
 
 
 class UnsupportedLayerError(ValueError):
