@@ -1,6 +1,5 @@
 """What consumers read from a defense class (its kind, baseline, strength zero), and the one-way import from
 splitnn: splitnn trains with hooks and imports nothing of defenses, attacks or evaluation."""
-import ast
 from pathlib import Path
 
 import pandas as pd
