@@ -1,6 +1,5 @@
 """What consumers read from a defense class (its kind, baseline, strength zero), and the one-way import from
 splitnn: splitnn trains with hooks and imports nothing of defenses, attacks or evaluation."""
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,7 +10,6 @@ from leakbench.defenses.base import FeatureDefense, TrainingDefense
 from leakbench.evaluation.tables import best_rows, matrix_table
 from leakbench.splitnn.hooks import TrainingHooks
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kind_is_the_base_class():
