@@ -1,5 +1,5 @@
-"""What consumers read from a defense class (its kind, baseline, strength zero), and the one-way import from
-splitnn: splitnn trains with hooks and imports nothing of defenses, attacks or evaluation."""
+"""What consumers read from a defense class (its kind, baseline, strength zero); the one-way import from splitnn
+(it trains with hooks and imports nothing of defenses) is tests/test_layers.py."""
 
 import pandas as pd
 import pytest
@@ -9,7 +9,6 @@ from leakbench import defenses
 from leakbench.defenses.base import FeatureDefense, TrainingDefense
 from leakbench.evaluation.tables import best_rows, matrix_table
 from leakbench.splitnn.hooks import TrainingHooks
-
 
 
 def test_kind_is_the_base_class():
