@@ -18,12 +18,20 @@ from leakbench.splitnn.errors import ParameterError, check_number
 from leakbench.splitnn.registry import Registry
 
 _registry: Registry["Dataset"] = Registry("dataset")
-#: name -> (number of classes, number of images): what validation needs, known without loading anything.
-_SIZES: dict[str, tuple[int, int]] = {}
+#: name -> its parameters' check, returning (number of classes, number of images): what validation needs, known
+#: without loading anything (a dataset on disk checks its files there and reads only their headers).
+_CHECKS: dict[str, Callable[..., tuple[int, int]]] = {}
 
 
-def _register(name: str, num_classes: int, num_images: int) -> Callable[[Callable[..., "Dataset"]], Callable]:
-    _SIZES[name] = (num_classes, num_images)
+def register(name: str, num_classes: int | None = None, num_images: int | None = None,
+              check: Callable[..., tuple[int, int]] | None = None) -> Callable[[Callable[..., "Dataset"]], Callable]:
+    """Register a dataset factory with its sizes, or with ``check(**params) -> (num_classes, num_images)``,
+    which raises ParameterError for a bad parameter (e.g. a ``root`` without the expected files)."""
+    def fixed(**params: Any) -> tuple[int, int]:
+        check_common(**params)
+        return num_classes, num_images  # type: ignore[return-value]
+
+    _CHECKS[name] = check or fixed
     return _registry.register(name)
 
 
@@ -65,31 +73,31 @@ def _split(name: str, images: np.ndarray, labels: np.ndarray, size: int, channel
     return Dataset(name, x[idx_train], y[idx_train], x[idx_test], y[idx_test], num_classes, params)
 
 
-def _check_common(size: int, channels: int, test_fraction: float = 0.5, split_seed: int = 0) -> None:
+def check_common(size: int, channels: int, test_fraction: float = 0.5, split_seed: int = 0) -> None:
     check_number("size", size, low=8, high=512, integer=True)
     check_number("channels", channels, low=1, high=3, integer=True)
     check_number("test_fraction", test_fraction, low=0, high=1, low_open=True, high_open=True)
     check_number("split_seed", split_seed, low=0, high=2 ** 32 - 1, integer=True)  # scikit-learn's bound
 
 
-@_register("digits", num_classes=10, num_images=1797)
+@register("digits", num_classes=10, num_images=1797)
 def digits(size: int = 32, channels: int = 3, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), upsampled to ``size``."""
     from sklearn.datasets import load_digits
 
-    _check_common(size, channels, test_fraction, split_seed)
+    check_common(size, channels, test_fraction, split_seed)
     bunch = load_digits()
     images = bunch.images / 16.0
     params = dict(size=size, channels=channels, test_fraction=test_fraction, split_seed=split_seed)
     return _split("digits", images, bunch.target, size, channels, test_fraction, split_seed, 10, params)
 
 
-@_register("lfw_faces", num_classes=2, num_images=200)
+@register("lfw_faces", num_classes=2, num_images=200)
 def lfw_faces(size: int = 32, channels: int = 3, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """scikit-image's ``lfw_subset``: 100 LFW faces (label 1) and 100 non-faces (label 0), 25x25."""
     from skimage.data import lfw_subset
 
-    _check_common(size, channels, test_fraction, split_seed)
+    check_common(size, channels, test_fraction, split_seed)
     images = lfw_subset()  # already float64 in [0, 1]
     labels = np.array([1] * 100 + [0] * 100)
     params = dict(size=size, channels=channels, test_fraction=test_fraction, split_seed=split_seed)
@@ -115,7 +123,7 @@ def _portrait(source: str, rows: slice, cols: slice) -> np.ndarray:
     return image[rows, cols].astype(np.float64) / 255.0
 
 
-@_register("portraits", num_classes=2, num_images=202)
+@register("portraits", num_classes=2, num_images=202)
 def portraits(size: int = 64, channels: int = 3) -> Dataset:
     """Two real high-resolution portraits (scikit-image's astronaut, matplotlib's Grace Hopper), cropped to
     the face, as the *test* images; the training set is ``lfw_subset`` (100 faces, label 1, and 100
@@ -123,7 +131,7 @@ def portraits(size: int = 64, channels: int = 3) -> Dataset:
     from skimage.color import rgb2gray
     from skimage.data import lfw_subset
 
-    _check_common(size, channels)
+    check_common(size, channels)
     faces = [_portrait(*spec) for spec in PORTRAITS]
     x_test = torch.cat([_to_tensor(rgb2gray(f)[None], size, channels) if channels != 3 else
                         F.interpolate(torch.as_tensor(f, dtype=torch.float32).permute(2, 0, 1)[None],
@@ -158,12 +166,14 @@ def describe(name: str, **params: Any) -> DatasetInfo:
     factory = _registry.factory(name)
     signature = inspect.signature(factory)
     resolved = {p.name: params.get(p.name, p.default) for p in signature.parameters.values()}
+    for key, value in resolved.items():
+        if value is inspect.Parameter.empty:
+            raise ParameterError(key, None, f"a value: dataset {name!r} has no default for {key!r}")
     unknown = sorted(set(params) - set(resolved))
     if unknown:
         raise ParameterError(unknown[0], params[unknown[0]],
                              f"no such parameter of dataset {name!r}; known: {', '.join(resolved)}")
-    _check_common(**resolved)
-    return DatasetInfo(name, resolved, *_SIZES[name])
+    return DatasetInfo(name, resolved, *_CHECKS[name](**resolved))
 
 
 def get(name: str, **params: Any) -> Dataset:
@@ -178,3 +188,6 @@ def names() -> list[str]:
 def factory(name: str) -> Callable[..., Any]:
     """The function registered as ``name`` (its signature declares the dataset's parameters), without calling it."""
     return _registry.factory(name)
+
+
+from leakbench.splitnn import disk_datasets, image_file_datasets  # noqa: E402,F401  (register the datasets on disk)
