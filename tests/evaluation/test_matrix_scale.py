@@ -15,7 +15,7 @@ from leakbench.evaluation import ConfigError, ExperimentConfig, Matrix, ResultSt
 from leakbench.evaluation.cli import main
 from leakbench.splitnn.training import CACHE_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/evaluation/ -> the repository
 METRICS = ["accuracy", "mse", "psnr", "ssim", "psnr_ci_low", "psnr_ci_high"]
 
 CONFIG = """
