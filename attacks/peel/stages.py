@@ -1,4 +1,5 @@
-"""The client half as a chain of invertible stages: layer groups (e.g. the stem) and residual blocks.
+"""The client half as a chain of invertible stages: layer groups (e.g. the stem) and residual blocks, the
+latter kept as one module by the tracer (ours, torchvision's) or found by structure in the graph (``graph``).
 
 BatchNorm is folded into the preceding convolution (eval-mode statistics), so each stage is
 written in the paper's terms: a block computes ``y = S(x) + W2·ReLU(W1·x)`` (then ReLU when the
@@ -7,16 +8,18 @@ block has one after the addition), with ``S`` the identity or a 1x1 strided conv
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
 import torchvision.models.resnet as tv_resnet
-from torch import nn
+from torch import fx, nn
 
+from leakbench.attacks.peel import graph
 from leakbench.splitnn import zoo
-from leakbench.splitnn.split import BLOCK_TYPES, client_modules
+from leakbench.splitnn.split import BLOCK_TYPES
 
 
 class UnsupportedLayerError(ValueError):
@@ -29,6 +32,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype)
     weight = folded.weight.detach()
     bias = folded.bias.detach() if folded.bias is not None else torch.zeros(weight.shape[0], dtype=dtype)
     if bn is not None:
+        assert bn.running_mean is not None and bn.running_var is not None  # the statistics it folds in
         scale = bn.weight.detach().to(dtype) / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
         weight = weight * scale.view(-1, 1, 1, 1)
         bias = (bias - bn.running_mean.to(dtype)) * scale + bn.bias.detach().to(dtype)
@@ -95,7 +99,7 @@ def _layer_group(name: str, items: list[tuple[str, nn.Module | None, object]], d
         if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):  # GroupNorm: per sample, not foldable
             ops.append(_frozen(module, dtype))
             nonneg = False
-        elif isinstance(module, _ELEMENTWISE_NONNEG):
+        elif isinstance(module, _ELEMENTWISE_NONNEG) or graph.is_relu(cast(fx.Node, node), module):
             ops.append(torch.relu)
             nonneg = True
         elif isinstance(module, (nn.PReLU, nn.Linear)):
@@ -104,12 +108,12 @@ def _layer_group(name: str, items: list[tuple[str, nn.Module | None, object]], d
         elif isinstance(module, _SHAPE_ONLY):
             ops.append(_frozen(module, dtype))  # keeps the sign: a pool of non-negatives is non-negative
         elif module is None and getattr(node, "target", None) in (torch.flatten,):
-            args = getattr(node, "args", ())
+            args: tuple[Any, ...] = getattr(node, "args", ())
             start_dim = args[1] if len(args) > 1 else 1
-            ops.append(lambda x, s=start_dim: torch.flatten(x, s))
+            ops.append(functools.partial(torch.flatten, start_dim=start_dim))
         else:
-            what = type(module).__name__ if module is not None else str(getattr(node, "target", node))
-            raise UnsupportedLayerError(f"unsupported layer {what} at {item_name}: PEEL inverts convolutions, "
+            what = graph.op_name(cast(fx.Node, node), module)
+            raise UnsupportedLayerError(f"unsupported op {what} at node {item_name}: PEEL inverts convolutions, "
                                         "BatchNorm, ReLU/PReLU, pooling, linear layers and residual blocks")
         description.append(item_name)
         i += 1
@@ -175,7 +179,52 @@ def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
         layers, activations, post_relu = _branch(block, dtype)
     except UnsupportedLayerError as exc:
         raise UnsupportedLayerError(f"{exc} at {name}") from None
-    shortcut, shortcut_kind = _shortcut(name, block.downsample, dtype)
+    shortcut, shortcut_kind = _shortcut(name, cast("nn.Module | None", block.downsample), dtype)
+    return _block_stage(name, type(block).__name__, layers, activations, shortcut, shortcut_kind, post_relu)
+
+
+def _graph_branch(block: graph.GraphBlock, dtype: torch.dtype) -> tuple[list, list]:
+    """(layers, activations) of a branch found by structure: conv [norm] (activation conv [norm])*."""
+    layers: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    activations: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    items = [item for item in block.branch if not isinstance(item[1], nn.Identity)]
+    i = 0
+    while i < len(items):
+        name, module, node = items[i]
+        norm = items[i + 1][1] if i + 1 < len(items) else None
+        if isinstance(module, nn.Conv2d) and len(layers) == len(activations):
+            paired = isinstance(norm, (nn.BatchNorm2d, nn.GroupNorm))
+            layers.append(_affine(module, norm if paired else None, dtype))
+            i += 2 if paired else 1
+            continue
+        if (graph.is_relu(node, module) or isinstance(module, nn.PReLU)) and len(layers) == len(activations) + 1:
+            activations.append(torch.relu if module is None or isinstance(module, nn.ReLU) else _frozen(module, dtype))
+            i += 1
+            continue
+        raise UnsupportedLayerError(f"unsupported op {graph.op_name(node, module)} at node {name} in the residual "
+                                    f"block {block.name}: PEEL inverts a branch conv [norm] (ReLU/PReLU conv [norm])*")
+    if not layers or len(layers) != len(activations) + 1:
+        raise UnsupportedLayerError(f"unsupported residual branch in the block {block.name}: it must end in a "
+                                    "convolution, with one ReLU/PReLU between convolutions")
+    return layers, activations
+
+
+def _graph_block(block: graph.GraphBlock, dtype: torch.dtype) -> Stage:
+    layers, activations = _graph_branch(block, dtype)
+    modules = [module for _, module, _ in block.shortcut]
+    if any(module is None for module in modules):
+        name, _, node = next(item for item in block.shortcut if item[1] is None)
+        raise UnsupportedLayerError(f"unsupported op {graph.op_name(node)} at node {name} on the shortcut of "
+                                    f"the residual block {block.name}")
+    downsample = None if not modules else modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+    shortcut, shortcut_kind = _shortcut(block.name, cast("nn.Module | None", downsample), dtype)
+    return _block_stage(block.name, "block", layers, activations, shortcut, shortcut_kind, block.post_relu is not None)
+
+
+def _block_stage(name: str, label: str, layers: list, activations: list,
+                 shortcut: Callable[[torch.Tensor], torch.Tensor] | None, shortcut_kind: str, post_relu: bool
+                 ) -> Stage:
+    """The stage ``[relu](shortcut(x) + residual(x))`` of a block's parts."""
 
     def residual(x: torch.Tensor) -> torch.Tensor:
         for layer, act in zip(layers[:-1], activations):
@@ -189,7 +238,7 @@ def _block(name: str, block: nn.Module, dtype: torch.dtype) -> Stage:
         z = pre_activation(x)
         return torch.relu(z) if post_relu else z
 
-    kind = f"{type(block).__name__}({shortcut_kind} shortcut{', post-ReLU' if post_relu else ''})"
+    kind = f"{label}({shortcut_kind} shortcut{', post-ReLU' if post_relu else ''})"
     return Stage(name, "block", forward, post_relu, pre_relu=pre_activation if post_relu else None,
                  residual=residual, layers=layers, activations=activations, shortcut=shortcut,
                  shortcut_kind=shortcut_kind, post_relu=post_relu, description=[kind])
@@ -203,22 +252,19 @@ def build_stages(client: nn.Module, dtype: torch.dtype = torch.float64) -> list[
     """Split ``client`` (a half from ``splitnn.split``) into stages; raises UnsupportedLayerError."""
     if not hasattr(client, "graph"):
         raise UnsupportedLayerError("PEEL needs a client half made by splitnn.split (a traced module)")
+    try:
+        found = graph.segments(cast(fx.GraphModule, client))  # a traced module (checked above)
+    except graph.GraphError as exc:
+        raise UnsupportedLayerError(str(exc)) from None
     stages: list[Stage] = []
-    pending: list[tuple[str, nn.Module | None, object]] = []
-
-    def flush() -> None:
-        if pending:
-            name = pending[0][0] if len(pending) == 1 else f"{pending[0][0]}..{pending[-1][0]}"
-            stages.append(_layer_group(name, list(pending), dtype))
-            pending.clear()
-
-    for name, module, node in client_modules(client):
-        if isinstance(module, BLOCKS):
-            flush()
-            stages.append(_block(name, module, dtype))
+    for segment in found:
+        if isinstance(segment, graph.LeafBlock):
+            stages.append(_block(segment.name, segment.module, dtype))
+        elif isinstance(segment, graph.GraphBlock):
+            stages.append(_graph_block(segment, dtype))
         else:
-            pending.append((name, module, node))
-    flush()
+            name = segment[0][0] if len(segment) == 1 else f"{segment[0][0]}..{segment[-1][0]}"
+            stages.append(_layer_group(name, list(segment), dtype))
     return stages
 
 

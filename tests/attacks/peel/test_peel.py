@@ -5,13 +5,13 @@ import torch
 import torchvision
 from torch import nn
 
+from harness import randomise_batchnorm
 from leakbench import attacks
 from leakbench.attacks import AttackContext
 from leakbench.attacks.peel import PEEL, UnsupportedLayerError, extract_stages, invert_block, stage_input_errors
 from leakbench.attacks.peel.chain import chain
 from leakbench.splitnn import split, zoo
 from leakbench.splitnn.zoo import BasicBlock
-from attack_fixtures import randomise_batchnorm
 
 
 def _rel(a, b):
@@ -123,7 +123,7 @@ def test_unsupported_layer_is_named():
     client, _ = split(Odd(), "act")
     ok, reason = PEEL().supports(client)
     assert not ok and "Tanh" in reason and "act" in reason
-    with pytest.raises(UnsupportedLayerError, match="unsupported layer Tanh at act"):
+    with pytest.raises(UnsupportedLayerError, match="unsupported op Tanh at node act"):
         extract_stages(client, (3, 8, 8))
 
 
