@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import reprlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, overload
 
 #: The longest a value is ever shown in a message: a huge or deeply nested value never floods the terminal
 #: (and is never expanded in full: reprlib stops at these sizes).
@@ -35,6 +35,12 @@ class ParameterError(ValueError):
         return ParameterError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.expected)
 
 
+@overload
+def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: Literal[True]) -> int: ...
+@overload
+def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int: ...
 def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
     """Return ``value`` if it is a number inside the given bounds, else raise ParameterError."""

@@ -17,6 +17,7 @@ import typing
 from typing import Annotated, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic_core import ErrorDetails
 
 from leakbench.splitnn.errors import ParameterError
 
@@ -57,7 +58,7 @@ _EXPECTED = {
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def expected_of(error: dict[str, Any]) -> str:
+def expected_of(error: ErrorDetails) -> str:
     """What a pydantic error says was expected, in the words of leakbench's other messages."""
     kind, ctx = error["type"], error.get("ctx") or {}
     if "[key]" in error["loc"]:
@@ -97,7 +98,8 @@ class Declared:
     @classmethod
     def declared(cls) -> list[str]:
         """The names of the parameters, in signature order."""
-        return list(signature_model(cls).model_fields)
+        # a class object is Hashable, but mypy does not see it (python/mypy#11470)
+        return list(signature_model(cls).model_fields)  # type: ignore[arg-type]
 
     @property
     def params(self) -> dict[str, Any]:

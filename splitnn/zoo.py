@@ -6,7 +6,7 @@ for torchvision's own ``resnet18``/``resnet50`` instances.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class ResidualBlock(nn.Module):
     expansion = 1
     downsample: nn.Module | None
     post_relu: bool
+    relu: nn.Module
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -111,8 +112,9 @@ class Bottleneck(ResidualBlock):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for conv, bn, act in ((self.conv1, self.bn1, self.act1), (self.conv2, self.bn2, self.act2),
-                              (self.conv3, self.bn3, False)):
+        layers: tuple[tuple[nn.Module, nn.Module | None, nn.Module | None | Literal[False]], ...] = (
+            (self.conv1, self.bn1, self.act1), (self.conv2, self.bn2, self.act2), (self.conv3, self.bn3, False))
+        for conv, bn, act in layers:
             out = conv(out)
             if bn is not None:
                 out = bn(out)
