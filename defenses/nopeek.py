@@ -2,7 +2,7 @@
 between each batch's inputs and its features at the cut, so the features carry less of the input."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ class NoPeek(TrainingDefense):
 
     def loss_term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   outputs: torch.Tensor) -> torch.Tensor | None:
-        penalty = distance_correlation(x, model.features)
+        # the loop's model is the _Tap that wrap() returned, its features those of this batch's forward pass
+        penalty = distance_correlation(x, cast(torch.Tensor, model.features))
         self._penalties.append(float(penalty.detach()))
         return self.alpha * penalty
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +67,9 @@ class Pruning(FeatureDefense):
             return torch.rand(channels, generator=torch.Generator().manual_seed(self.seed))
         if self.score == "magnitude":
             with torch.no_grad():
-                total = sum(_channel_mean(client(x[i:i + 64]).abs()) * len(x[i:i + 64])
-                            for i in range(0, len(x), 64))
-            return total / len(x)
+                magnitude = sum(_channel_mean(client(x[i:i + 64]).abs()) * len(x[i:i + 64])
+                                for i in range(0, len(x), 64))
+            return cast(torch.Tensor, magnitude) / len(x)  # x is not empty: a tensor, never sum's start 0
         from captum.attr import LayerConductance, LayerGradientXActivation
 
         joined = _Joined(client, server, self.objective)
@@ -77,7 +77,7 @@ class Pruning(FeatureDefense):
             method = LayerConductance(joined, client)
         else:
             method = LayerGradientXActivation(joined, client)
-        total = None
+        total: torch.Tensor | None = None
         for i in range(0, len(x), 32):
             xb, yb = x[i:i + 32], y[i:i + 32]
             kwargs: dict[str, Any] = {"additional_forward_args": (yb,),
@@ -87,7 +87,7 @@ class Pruning(FeatureDefense):
             attribution = method.attribute(xb, **kwargs)
             part = _channel_mean(attribution.detach().abs()) * len(xb)
             total = part if total is None else total + part
-        return total / len(x)
+        return cast(torch.Tensor, total) / len(x)  # x is not empty
 
     def fit(self, client: nn.Module, server: nn.Module, x_train: torch.Tensor,
             y_train: torch.Tensor) -> nn.Module:

@@ -35,6 +35,8 @@ class Quantization(FeatureDefense):
         if self.bits is None:
             return features
         steps = 2.0 ** self.bits - 1
+        low: float | torch.Tensor
+        width: float | torch.Tensor
         if self.range == "fixed":
             low, width = self.low, self.high - self.low
             return low + torch.round((features.clamp(self.low, self.high) - low) / width * steps) / steps * width
