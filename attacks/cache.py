@@ -3,7 +3,7 @@ hash of the runner's identity and the fingerprint of the attack's code, so other
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from leakbench.splitnn.fingerprint import class_fingerprint
 from leakbench.splitnn.training import atomic_save, config_hash, default_cache_dir
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 def attack_fingerprint(kind: str) -> str:
     """The code fingerprint of the attack registered as ``kind`` (its module and what that imports)."""
     if kind not in names():
@@ -21,8 +24,8 @@ def attack_fingerprint(kind: str) -> str:
     return class_fingerprint(attack_class(kind))
 
 
-def cached_module(module: nn.Module, kind: str, key: dict[str, Any] | None, cache_dir: str | Path | None,
-                  train: Callable[[nn.Module], None], *, fingerprint: str | None = None) -> tuple[nn.Module, bool]:
+def cached_module(module: ModuleT, kind: str, key: dict[str, Any] | None, cache_dir: str | Path | None,
+                  train: Callable[[ModuleT], None], *, fingerprint: str | None = None) -> tuple[ModuleT, bool]:
     """Load ``module``'s state from ``<cache>/attacks/<kind>-<hash of key>-<fingerprint>.pt`` or run
     ``train(module)`` and save it there (atomically). ``fingerprint`` defaults to that of the attack registered
     as ``kind``. ``key=None`` (no runner identity for model, cut and defense) trains without caching. Returns

@@ -19,6 +19,9 @@ from leakbench.splitnn.params import Count, Positive, PositiveCount, Seed
 class Decoder(nn.Module):
     """Standardised features -> conv -> transposed convs (x2 each, up to the image size) -> convs -> sigmoid."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], hidden: int):
         super().__init__()
         if len(feature_shape) != 3:

@@ -36,7 +36,7 @@ def tv_prior(weight: float) -> Loss | None:
     return (lambda x: weight * total_variation(x)) if weight > 0 else None
 
 
-def least_norm(weight: float, centre: torch.Tensor | None = None) -> Loss:
+def least_norm(weight: float | torch.Tensor, centre: torch.Tensor | None = None) -> Loss:
     """``0.5·weight·||x - centre||²`` per sample (``weight`` a number or one per sample, shape (B,))."""
     def prior(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * weight * sum_per_sample((x if centre is None else x - centre).pow(2))

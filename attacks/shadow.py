@@ -58,9 +58,9 @@ def reinitialise(module: nn.Module, torch_seed: int) -> nn.Module:
         torch.manual_seed(torch_seed)
         for owner in module.modules():
             if hasattr(owner, "reset_parameters"):
-                owner.reset_parameters()
+                getattr(owner, "reset_parameters")()  # a method, not a tensor (nn.Module's __getattr__ says either)
             if hasattr(owner, "reset_running_stats"):
-                owner.reset_running_stats()
+                getattr(owner, "reset_running_stats")()
     return module
 
 

@@ -211,13 +211,13 @@ def _graph_branch(block: graph.GraphBlock, dtype: torch.dtype) -> tuple[list, li
 
 def _graph_block(block: graph.GraphBlock, dtype: torch.dtype) -> Stage:
     layers, activations = _graph_branch(block, dtype)
-    modules = [module for _, module, _ in block.shortcut]
-    if any(module is None for module in modules):
+    if any(module is None for _, module, _ in block.shortcut):
         name, _, node = next(item for item in block.shortcut if item[1] is None)
         raise UnsupportedLayerError(f"unsupported op {graph.op_name(node)} at node {name} on the shortcut of "
                                     f"the residual block {block.name}")
+    modules = [module for _, module, _ in block.shortcut if module is not None]  # all of them (checked above)
     downsample = None if not modules else modules[0] if len(modules) == 1 else nn.Sequential(*modules)
-    shortcut, shortcut_kind = _shortcut(block.name, cast("nn.Module | None", downsample), dtype)
+    shortcut, shortcut_kind = _shortcut(block.name, downsample, dtype)
     return _block_stage(block.name, "block", layers, activations, shortcut, shortcut_kind, block.post_relu is not None)
 
 
