@@ -7,7 +7,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from pydantic import ValidationError
 
@@ -106,13 +106,13 @@ class ExperimentConfig:
         self.notes: list[str] = []
         self.seeds = self._unique(parsed.get("seed", []), "seed")
         self.cuts = self._unique(parsed.get("cut", []), "cut")
-        self.datasets = [self._dataset(entry, self._key(raw, "dataset", i))
-                         for i, entry in enumerate(parsed.get("dataset", []))]
+        entries = [self._dataset(entry, self._key(raw, "dataset", i))  # None: a problem, in self._issues
+                   for i, entry in enumerate(parsed.get("dataset", []))]
         self.train = parsed["train"].model_dump(exclude_none=True) if "train" in parsed else {}
         self.evaluation = parsed["evaluation"].model_dump() if "evaluation" in parsed else {}
         if self.evaluation:
             self._check_lpips()
-        shapes = sorted({(d["info"].num_classes, d["info"].in_channels) for d in self.datasets if d})
+        shapes = sorted({(d["info"].num_classes, d["info"].in_channels) for d in entries if d})
         self._meta_models: list[dict[tuple[int, int], Any]] = []  # per model entry: (classes, channels) -> model
         self.models = [self._model(entry, self._key(raw, "model", i), shapes)
                        for i, entry in enumerate(parsed.get("model", []))]
@@ -121,6 +121,7 @@ class ExperimentConfig:
         self.attacks = self._entries(parsed.get("attacks", []), raw, "attacks", attacks.get)
         if self._issues:
             raise ConfigError.of(self._issues)
+        self.datasets = cast("list[dict[str, Any]]", entries)  # no problems: no None
         self._infos = [d.pop("info") for d in self.datasets]
 
     def _unique(self, values: list[Any], key: str) -> list[Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import matplotlib
 
@@ -121,7 +121,8 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
         for j, column in enumerate(columns):
             state = table.attrs["status"].get((i, column))
             text = f"{values[i, j]:.3g}" if not math.isnan(values[i, j]) else missing_text(state)
-            dark = not math.isnan(values[i, j]) and image.norm(values[i, j]) > 0.6  # readable on dark red
+            # readable on dark red (a number in, a number out: Normalize's stubs say any array)
+            dark = not math.isnan(values[i, j]) and cast(float, image.norm(values[i, j])) > 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(columns)), [c.removesuffix(f": {metric}") for c in columns], rotation=20, ha="right")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)

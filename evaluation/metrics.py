@@ -8,7 +8,7 @@ to 0.2 lower on noisy 32x32 images, so we take torchmetrics' full map and crop t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def image_metrics(reconstruction: torch.Tensor, truth: torch.Tensor) -> dict[str
     return {"mse": mse, "psnr": [float(v) for v in psnr], "ssim": [float(v) for v in ssim(rec, ref)]}
 
 
-def worst_case(per_image: dict[str, Sequence[float]]) -> dict[str, float]:
+def worst_case(per_image: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """A cell's worst case: ``psnr_p95``, the 95th percentile of per-image PSNR (the images that leak most), and
     ``recognised``, the share of images whose ``attack_top1`` is 1 (only when the classifier scored the cell).
 

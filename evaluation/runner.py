@@ -13,7 +13,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, cast
 
 import torch
 
@@ -162,7 +162,8 @@ class Matrix:
         key = config_hash({"model": trained.config.key(), "cut": cell["cut"], "defense": spec, "seed": cell["seed"]})
         if key not in self._fitted:
             data = self.dataset(cell)
-            server = defense.fit(client, server, data.x_train, data.y_train)
+            # needs_fit is a feature defense's (defenses.base)
+            server = cast(defenses.FeatureDefense, defense).fit(client, server, data.x_train, data.y_train)
             server.eval()
             self._fitted[key] = (defense, server)
         fitted, server = self._fitted[key]
@@ -266,6 +267,7 @@ class Matrix:
         torch.manual_seed(seed)
         data = self.dataset(cell)
         trained = self.trained(cell)
+        server: torch.nn.Module  # the traced half, then the one its defense goes with
         client, server = split(trained.model, cell["cut"])
         client.eval()
         server.eval()

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, TypeAdapter,
                       ValidationError)
+from pydantic_core import ErrorDetails
 
 from leakbench.evaluation.perceptual import BACKBONES
 from leakbench.splitnn.errors import problem
@@ -140,7 +141,8 @@ def parse(raw: dict[str, Any]) -> tuple[dict[str, Any], list["Issue"]]:
         if name not in raw:
             parsed[name] = field.get_default(call_default_factory=True)
             continue
-        kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        # a type built at run time, for pydantic (a model's field is never unannotated)
+        kind: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
         # a model carries its own config; pydantic refuses a second one for it
         adapter = TypeAdapter(kind) if _find_model(field.annotation) else TypeAdapter(kind, config=STRICT)
         parsed[name] = adapter.validate_python(raw[name])
@@ -201,7 +203,7 @@ def _find_model(annotation: Any) -> type[BaseModel] | None:
 _ENTRIES = {"Entry", "ZippedEntry", "ModelEntry"}
 
 
-def _expected(error: dict[str, Any], schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
+def _expected(error: ErrorDetails, schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind == "extra_forbidden" and "[key]" not in loc:
         holder = _model_at(schema, loc[:-1])

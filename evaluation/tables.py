@@ -166,7 +166,8 @@ def best_caption(tolerance: float = ACCURACY_TOLERANCE) -> str:
 
 def missing_text(status: str | None) -> str:
     """What a matrix entry without a value shows: why the cell has none, or ``--`` (metric not in the store)."""
-    return {"failed": "failed", "not_applicable": "n/a"}.get(status, "--")
+    texts: dict[str | None, str] = {"failed": "failed", "not_applicable": "n/a"}
+    return texts.get(status, "--")
 
 
 def _display(table: pd.DataFrame, bold) -> pd.DataFrame:
@@ -299,9 +300,9 @@ def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
         columns = ([0, 1, 2] if n == 0 else [0]) + chunk
         table = _layout([[r[i] for i in columns] for r in rows], {j for j, i in enumerate(columns) if i == 1 or i >= 3})
         text += ([""] if n else []) + table[:1]
-        for i, line in enumerate(table[1:]):
+        for i, row in enumerate(table[1:]):
             if groups and (i == 0 or keys[i][:-2] != keys[i - 1][:-2]):
                 text.append(" | ".join(str(v) for v in keys[i][:-2]) + ":")
-            text.append(line)
+            text.append(row)
     text += [f"{names[a]} = {a}" for a in attacks] if letters else []
     return "\n".join(_clip(line, width) for line in text)
