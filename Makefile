@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check leakbench splitnn defenses attacks evaluation contracts tests benchmarks
+	mkdir -p .mypy_cache/tree/leakbench && ln -sfn $(addprefix $(CURDIR)/,leakbench/__init__.py contracts splitnn defenses attacks evaluation) .mypy_cache/tree/leakbench/ && $(BIN)/mypy -p leakbench
 	$(BIN)/python -m pytest -q
 
 clean:
