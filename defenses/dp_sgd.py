@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from leakbench.defenses.base import TrainingDefense
 from leakbench.defenses.registry import register
-from leakbench.splitnn.params import Positive, PositiveCount, Seed
+from leakbench.splitnn.hooks import Recipe
+from leakbench.splitnn.params import NonNegative, Positive, PositiveCount, Seed
 
 Accountant = Literal["rdp", "prv", "gdp"]
 FIX_NOTE = "BatchNorm replaced by GroupNorm (opacus ModuleValidator.fix)"
@@ -40,10 +41,12 @@ class DPSGD(TrainingDefense):
     target (epsilon, delta) per training example; BatchNorm becomes GroupNorm (``ModuleValidator.fix``).
 
     It hooks the one loop (``splitnn.train``: SGD with momentum, cosine schedule), so it differs from
-    ``groupnorm_baseline`` only in the DP. ``epochs=None`` uses the training config's epochs. After training
-    the accountant's epsilon is recorded as the guarantee; training fails with PrivacyBudgetExceeded if it
-    exceeds the target. DP-SGD protects the membership of training examples, not the inputs a client sends
-    at inference.
+    ``groupnorm_baseline`` only in the DP. It owns its recipe: ``epochs``, ``lr``, ``batch_size`` (Opacus's
+    expected Poisson batch size) and ``weight_decay`` replace the training config's when set (None keeps it),
+    since a recipe tuned under clipping and noise (``benchmarks/tune_dp_sgd.py``) is not the plain one; the
+    report records the ones the loop used. After training the accountant's epsilon is recorded as the
+    guarantee; training fails with PrivacyBudgetExceeded if it exceeds the target. DP-SGD protects the
+    membership of training examples, not the inputs a client sends at inference.
     """
 
     guarantee_type = "(epsilon, delta)-DP per training example (DP-SGD, Opacus accountant)"
@@ -52,12 +55,18 @@ class DPSGD(TrainingDefense):
     # Opacus searches the noise multiplier to a tolerance of 0.01 in epsilon: a smaller target never ends.
     def __init__(self, epsilon: Annotated[float, Field(ge=MIN_EPSILON, le=1e6)] = 8.0,
                  delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5, max_grad_norm: Positive = 1.0,
-                 epochs: PositiveCount | None = None, accountant: Accountant = "rdp", seed: Seed = 0):
+                 epochs: PositiveCount | None = None, lr: Positive | None = None,
+                 batch_size: PositiveCount | None = None, weight_decay: NonNegative | None = None,
+                 accountant: Accountant = "rdp", seed: Seed = 0):
         super().__init__(seed)
         self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
-        self.epochs, self.accountant = epochs, accountant
+        self.epochs, self.lr, self.batch_size, self.weight_decay = epochs, lr, batch_size, weight_decay
+        self.accountant = accountant
+        self._used: dict[str, Any] = {}
         self._engine: Any = None
         self._private: Any = None
+        self._optimizer: Any = None  # Opacus's DPOptimizer while training
+        self._steps_per_epoch = 0
 
     def guarantee(self) -> dict[str, Any]:
         """epsilon is the accountant's (<= target) once trained; the target until then."""
@@ -70,8 +79,12 @@ class DPSGD(TrainingDefense):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return opacus_fix(model)
 
-    def train_epochs(self, planned: int) -> int:
-        return self.epochs if self.epochs is not None else planned
+    def recipe(self, planned: Recipe) -> Recipe:
+        """The training config's recipe with each of this defense's recipe parameters that is set."""
+        return Recipe(epochs=planned.epochs if self.epochs is None else self.epochs,
+                      lr=planned.lr if self.lr is None else self.lr,
+                      batch_size=planned.batch_size if self.batch_size is None else self.batch_size,
+                      weight_decay=planned.weight_decay if self.weight_decay is None else self.weight_decay)
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, *, epochs: int
              ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -80,7 +93,9 @@ class DPSGD(TrainingDefense):
         from opacus import PrivacyEngine
 
         self._engine = PrivacyEngine(accountant=self.accountant)
-        self._planned_epochs = epochs
+        group = optimizer.param_groups[0]  # what the loop built, recorded as what it trained with
+        self._used = {"epochs": epochs, "lr": group["lr"], "batch_size": loader.batch_size,
+                      "weight_decay": group["weight_decay"]}
         self._private, optimizer, loader = self._engine.make_private_with_epsilon(
             module=model, optimizer=optimizer, data_loader=loader, target_epsilon=self.epsilon,
             target_delta=self.delta, epochs=epochs, max_grad_norm=self.max_grad_norm,
@@ -97,7 +112,7 @@ class DPSGD(TrainingDefense):
             raise PrivacyBudgetExceeded(f"the {self.accountant} accountant reports epsilon {spent:.4g} spent, "
                                         f"more than the target {self.epsilon:.4g} (delta {self.delta:g})")
         self.report = {"epsilon_spent": spent, "noise_multiplier": float(self._optimizer.noise_multiplier),
-                       "steps": steps, "epochs": self._planned_epochs, "sample_rate": 1 / self._steps_per_epoch,
+                       "steps": steps, **self._used, "sample_rate": 1 / self._steps_per_epoch,
                        "architecture": FIX_NOTE}
         self._engine = self._private = self._optimizer = None
         return dict(self.report)

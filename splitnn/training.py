@@ -23,7 +23,7 @@ from leakbench.splitnn import zoo
 from leakbench.splitnn.errors import ParameterError, check_number
 from leakbench.splitnn.faults import set_aside, write_failure
 from leakbench.splitnn.fingerprint import code_fingerprint
-from leakbench.splitnn.hooks import TrainingHooks
+from leakbench.splitnn.hooks import Recipe, TrainingHooks
 
 CACHE_ENV = "LEAKBENCH_CACHE"
 
@@ -39,7 +39,7 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def atomic_save(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_save(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``write(file)``: into a unique temporary file beside it (``mkstemp``), fsynced,
     then renamed into place and the folder fsynced, so a killed run never leaves half a file and of concurrent
     writers one wins whole. Any OSError (e.g. a full disk) is raised as a WriteFailure naming ``path``."""
@@ -145,16 +145,19 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
         weight_decay: float, seed: int, progress: bool = True, hooks: TrainingHooks | None = None,
         loss: Loss | None = None) -> dict[str, Any]:
     """The one loop: SGD with momentum and a cosine schedule over every step, deterministic given ``seed``;
-    ``hooks`` may change the epochs, wrap (model, optimizer, loader) and add a loss term. ``loss`` replaces
-    the task loss (e.g. a shadow client under a frozen server); it excludes hooks. Returns the hooks'
-    report (``finish``); ``model`` itself is trained and left in eval mode."""
+    ``hooks`` may change the recipe (epochs, lr, batch size, weight decay: the loader and optimizer are built
+    from theirs), wrap (model, optimizer, loader) and add a loss term. ``loss`` replaces the task loss (e.g. a
+    shadow client under a frozen server); it excludes hooks. Returns the hooks' report (``finish``); ``model``
+    itself is trained and left in eval mode."""
     if loss is not None and hooks is not None:
         raise ValueError("fit takes a replacement loss or training hooks, not both")
     hooks = hooks if hooks is not None else TrainingHooks()
-    epochs = hooks.train_epochs(epochs)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+    recipe = hooks.recipe(Recipe(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay))
+    epochs = recipe.epochs
+    loader = DataLoader(TensorDataset(x, y), batch_size=recipe.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9,
+                                                       weight_decay=recipe.weight_decay)
     model.train()
     wrapped, optimizer, loader = hooks.wrap(model, optimizer, loader, epochs=epochs)
     # created after the wrap, so it schedules the optimizer that steps, over the steps the loader makes
