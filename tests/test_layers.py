@@ -2,11 +2,11 @@
 the layers beneath it, at any depth (inside functions and TYPE_CHECKING blocks too), and always through the one
 namespace (``leakbench.splitnn``, never a bare ``splitnn``, which would load a second copy of every module)."""
 import ast
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT
+
 PACKAGES = ("contracts", "splitnn", "defenses", "attacks", "evaluation")
 #: What each package may import of ours.
 ALLOWED = {

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT
+
 PACKAGES = ("contracts", "splitnn", "defenses", "attacks", "evaluation")
 
 #: Run inside the clean venv: every subpackage must come from the venv, and the registries must be full.

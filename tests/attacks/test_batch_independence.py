@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import leakbench.attacks.optim  # noqa: F401  (attacks.optim is used as an attribute)
+from harness import batch_gap, randomise_batchnorm
 from leakbench import attacks, defenses
 from leakbench.attacks.base import AttackContext, PublicDefense
 from leakbench.splitnn import split, zoo
-from attack_fixtures import randomise_batchnorm
 
 TOLERANCE = 1e-5
 SHAPE = (3, 12, 12)
@@ -31,11 +31,10 @@ def _cut(setting: str, cut: str = "layer2.0"):
         return client, x, client(x)
 
 
-def gap(attack, client, features, **ctx) -> tuple[float, float]:
-    """(relative difference of sample 1 solved in the batch and alone, its image error against the truth)."""
-    together = attack.reconstruct(client, features, AttackContext(image_shape=SHAPE, **ctx)).images[1:2]
-    alone = attack.reconstruct(client, features[1:2], AttackContext(image_shape=SHAPE, **ctx)).images
-    return float((together - alone).abs().max() / alone.abs().max()), together
+def gap(attack, client, features, **ctx) -> tuple[float, torch.Tensor]:
+    """(relative difference of sample 1 solved in the batch and alone, its image in the batch): harness.batch_gap,
+    which the contract suite (tests/contracts/) runs on every attack that claims batch independence."""
+    return batch_gap(attack, client, features, AttackContext(image_shape=SHAPE, **ctx))
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

@@ -1,13 +1,13 @@
 """The batched box-constrained L-BFGS (attacks.box_lbfgs) every fit goes through, with SciPy as its reference."""
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
 
+from harness import ROOT
 from leakbench.attacks.box_lbfgs import minimize_box
 from leakbench.attacks.optim import fit_input
 
@@ -114,6 +114,6 @@ def test_fit_input_fits_a_linear_layer_within_bounds():
 
 
 def test_no_scipy_optimiser_under_attacks():
-    root = Path(__file__).resolve().parents[2] / "attacks"  # tests/attacks/ -> the repository
+    root = ROOT / "attacks"
     imports = re.compile(r"^\s*(import|from)\s+scipy\b", re.MULTILINE)
     assert [str(p) for p in root.rglob("*.py") if imports.search(p.read_text())] == []

@@ -3,17 +3,14 @@ import pytest
 import torch
 
 from leakbench import attacks, defenses
-from attack_fixtures import digits16, trained_split
 from leakbench.attacks.base import AttackContext, Knowledge
 from leakbench.evaluation.attack_context import auxiliary_split, query_oracle
 from leakbench.splitnn.errors import ParameterError
 
 
 @pytest.fixture(scope="module")
-def setting():
-    data = digits16()
-    _, client, server = trained_split(data)
-    return data, client
+def setting(small_split):
+    return small_split.data, small_split.client
 
 
 def _mse(a, b):

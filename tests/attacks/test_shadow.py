@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from harness import digits16
 from leakbench import attacks
-from attack_fixtures import digits16, trained_split
 from leakbench.attacks.base import AttackContext, Knowledge
 from leakbench.attacks.shadow import fresh_copy, reinitialise, shadow_init_seed
 from leakbench.evaluation.attack_context import auxiliary_split
@@ -17,10 +17,8 @@ from leakbench.splitnn.errors import ParameterError
 
 
 @pytest.fixture(scope="module")
-def setting():
-    data = digits16()
-    _, client, server = trained_split(data)
-    return data, client, server
+def setting(small_split):
+    return small_split.data, small_split.client, small_split.server
 
 
 def _untrained_client(data, model_params, seed, cache):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness import ROOT
 from leakbench import defenses
 from leakbench.defenses.dp_sgd import PrivacyBudgetExceeded
 from leakbench.defenses.nopeek import distance_correlation
@@ -269,7 +270,7 @@ def test_runner_trains_per_training_defense_fits_pruning_and_records_guarantees(
 
 
 def test_defenses_yaml_is_valid_and_covers_every_defense_at_two_strengths():
-    config = load_config("experiments/defenses.yaml")
+    config = load_config(ROOT / "experiments" / "defenses.yaml")
     used: dict[str, int] = {}
     for spec in config.defenses:
         used[spec["name"]] = used.get(spec["name"], 0) + 1

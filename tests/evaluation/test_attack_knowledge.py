@@ -6,8 +6,8 @@ from dataclasses import fields
 import pytest
 import torch
 
+from harness import digits16
 from leakbench import attacks, defenses
-from attack_fixtures import digits16
 from leakbench.attacks.base import BUDGET_KEYS, AttackContext, Knowledge, PublicDefense
 from leakbench.contracts import GRANTS, MissingContext
 from leakbench.defenses import base as defense_base

@@ -1,29 +1,8 @@
-import textwrap
-
+"""The CLI on the tiny config (harness.TINY_CONFIG): a bad config exits 2 naming the key before any work."""
 import pytest
 
+from harness import TINY_CONFIG, swap, write_config
 from leakbench.evaluation.cli import main
-
-GOOD = """
-name: tiny
-seed: 0
-dataset: {name: digits, params: {size: 16}}  # 16x16: a 4x cheaper target and judge
-model: resnet20
-train: {epochs: 1, batch_size: 128}
-cut: layer1
-defenses:
-  - none
-  - {name: gaussian_noise, params: {scale: 0.1}}
-attacks:
-  - {name: rmle, params: {iterations: 5}}
-evaluation: {num_images: 2}
-"""
-
-
-def _write(tmp_path, text):
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 @pytest.mark.parametrize("old, new, key", [
@@ -36,7 +15,7 @@ def _write(tmp_path, text):
     ("seed: 0", "sead: 0", "sead"),
 ])
 def test_bad_config_exits_2_naming_the_key_before_any_work(tmp_path, capsys, old, new, key):
-    config = _write(tmp_path, GOOD.replace(old, new))
+    config = write_config(tmp_path, swap(TINY_CONFIG, old, new))
     out = tmp_path / "out"
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -49,7 +28,7 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
 
 
-def test_validate_lists_the_cells(tmp_path, capsys):
-    assert main(["validate", str(_write(tmp_path, GOOD))]) == 0
+def test_validate_lists_the_cells(tiny_config, capsys):
+    assert main(["validate", str(tiny_config)]) == 0
     out = capsys.readouterr().out
     assert "2 cells" in out and "gaussian_noise" in out

@@ -1,14 +1,12 @@
 """Configs with several models: each entry may override ``train``; rows name the model variant."""
 import pytest
 
+from harness import BASE_MAPPING
 from leakbench.evaluation.config import ConfigError, ExperimentConfig
-
-BASE = {"dataset": {"name": "digits", "params": {"size": 16}}, "train": {"epochs": 3}, "cut": "layer1",
-        "defenses": ["none"], "attacks": [{"name": "rmle", "params": {"iterations": 5}}]}
 
 
 def test_a_model_list_expands_into_cells_with_their_own_train_settings():
-    config = ExperimentConfig({**BASE, "model": [
+    config = ExperimentConfig({**BASE_MAPPING, "model": [
         "resnet20", {"name": "resnet20", "params": {"norm": "none", "post_relu": False}, "train": {"epochs": 0}}]})
     cells = config.cells()
     assert len(cells) == 2 and cells[0].key != cells[1].key
@@ -19,20 +17,20 @@ def test_a_model_list_expands_into_cells_with_their_own_train_settings():
 
 
 def test_a_dataset_list_gives_each_dataset_its_cells_with_resolved_params():
-    config = ExperimentConfig({**BASE, "model": "resnet20",
-                               "dataset": [{"name": "lfw_faces", "params": {"size": 16}}, "portraits"]})
+    config = ExperimentConfig({**BASE_MAPPING, "model": "resnet20",
+                                       "dataset": [{"name": "lfw_faces", "params": {"size": 16}}, "portraits"]})
     cells = config.cells()
     assert [c["dataset"]["name"] for c in cells] == ["lfw_faces", "portraits"]
     assert cells[1]["dataset"]["params"] == {"size": 64, "channels": 3}
     with pytest.raises(ConfigError) as err:
-        ExperimentConfig({**BASE, "model": "resnet20", "dataset": ["digits", {"name": "portraits",
-                                                                               "params": {"size": 4}}]})
+        ExperimentConfig({**BASE_MAPPING, "model": "resnet20",
+                          "dataset": ["digits", {"name": "portraits", "params": {"size": 4}}]})
     assert err.value.key == "dataset[1].params.size"
 
 
 def test_a_single_model_gives_the_same_cell_as_a_one_entry_list():
-    single = ExperimentConfig({**BASE, "model": "resnet20"}).cells()
-    listed = ExperimentConfig({**BASE, "model": [{"name": "resnet20"}]}).cells()
+    single = ExperimentConfig({**BASE_MAPPING, "model": "resnet20"}).cells()
+    listed = ExperimentConfig({**BASE_MAPPING, "model": [{"name": "resnet20"}]}).cells()
     assert [c.key for c in single] == [c.key for c in listed]
 
 
@@ -44,5 +42,5 @@ def test_a_single_model_gives_the_same_cell_as_a_one_entry_list():
 ])
 def test_bad_model_entries_name_their_key(model, key):
     with pytest.raises(ConfigError) as err:
-        ExperimentConfig({**BASE, "model": model})
+        ExperimentConfig({**BASE_MAPPING, "model": model})
     assert err.value.key == key

@@ -1,9 +1,11 @@
+"""The evaluation classifier (the judge), LPIPS from local weights, and both in the matrix."""
 import json
 
 import pytest
 import torch
 import torchvision
 
+from harness import BASE_MAPPING, TINY_CONFIG, swap, without_judge, write_config
 from leakbench.evaluation import Matrix, ResultStore, load_config
 from leakbench.evaluation.config import ConfigError, ExperimentConfig
 from leakbench.evaluation.eval_classifier import (EVALUATION_RECIPE, EVALUATION_SEED, get_evaluation_classifier,
@@ -13,7 +15,6 @@ from leakbench.evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
 from leakbench.splitnn import datasets
 from leakbench.splitnn.errors import ParameterError
 from leakbench.splitnn.training import TrainConfig, train
-from test_cli import GOOD, _write  # the tiny two-cell config (ResNet-20 on digits, rMLE, 2 images)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_rejects_labels_out_of_range(judge, digits16):
 
 def test_matrix_stores_classifier_metrics_and_why_lpips_is_missing(tmp_path):
     with ResultStore(tmp_path / "r.sqlite") as store:
-        Matrix(load_config(_write(tmp_path, GOOD)), progress=False).run(store)
+        Matrix(load_config(write_config(tmp_path)), progress=False).run(store)
         images, cells = store.images(), store.cells()
     assert {"attack_top1", "attack_top5", "knn_distance"} <= set(images.columns) and "lpips" not in images
     assert images.attack_top1.isin([0.0, 1.0]).all() and (images.knn_distance >= 0).all()
@@ -79,7 +80,7 @@ def test_matrix_stores_classifier_metrics_and_why_lpips_is_missing(tmp_path):
 
 
 def test_classifier_metrics_can_be_turned_off(tmp_path):
-    config = load_config(_write(tmp_path, GOOD.replace("{num_images: 2}", "{num_images: 2, classifier: false}")))
+    config = load_config(write_config(tmp_path, without_judge()))
     with ResultStore(tmp_path / "r.sqlite") as store:
         Matrix(config, progress=False).run(store)
         assert "attack_top1" not in store.images().columns
@@ -94,7 +95,7 @@ def test_classifier_metrics_can_be_turned_off(tmp_path):
 ])
 def test_bad_evaluation_keys_are_named(tmp_path, evaluation, key):
     with pytest.raises(ConfigError) as info:
-        load_config(_write(tmp_path, GOOD.replace("{num_images: 2}", evaluation)))
+        load_config(write_config(tmp_path, swap(TINY_CONFIG, "{num_images: 2}", evaluation)))
     assert info.value.key == key
 
 
@@ -126,26 +127,24 @@ def test_lpips_rejects_a_state_dict_of_another_backbone(squeeze_weights):
 
 
 def test_lpips_in_the_matrix_from_a_config_path(tmp_path, squeeze_weights):
-    text = GOOD.replace("{num_images: 2}", f"{{num_images: 2, lpips_weights: {squeeze_weights}, "
-                                           "lpips_net: squeeze, classifier: false}")
-    text = text.replace("{name: digits, params: {size: 16}}", "digits")  # LPIPS' backbone needs more than 16x16
+    text = swap(TINY_CONFIG, "{num_images: 2}", f"{{num_images: 2, lpips_weights: {squeeze_weights}, "
+                                               "lpips_net: squeeze, classifier: false}")
+    text = swap(text, "{name: digits, params: {size: 16}}", "digits")  # LPIPS' backbone needs more than 16x16
     with ResultStore(tmp_path / "r.sqlite") as store:
-        Matrix(load_config(_write(tmp_path, text)), progress=False).run(store)
+        Matrix(load_config(write_config(tmp_path, text)), progress=False).run(store)
         images = store.images()
     assert images.lpips.notna().all() and (images.lpips > 0).all()
 
 
 def test_one_judge_per_dataset_whatever_the_target_and_its_recipe():
-    from test_config_models import BASE
-
     # factors.yaml's kind of table: other architectures, an untrained target, another learning rate
-    cells = ExperimentConfig({**BASE, "model": [
+    cells = ExperimentConfig({**BASE_MAPPING, "model": [
         "resnet20", "resnet32", {"name": "resnet20", "train": {"epochs": 0}},
         {"name": "resnet20", "params": {"norm": "none"}, "train": {"lr": 0.01, "epochs": 5}}]}).cells()
     assert len({c.train_config().key() for c in cells}) == 4  # four targets ...
     assert len({Evaluators.classifier_key(c) for c in cells}) == 1  # ... one judge
-    other = ExperimentConfig({**BASE, "model": "resnet20",
-                              "dataset": {"name": "digits", "params": {"size": 24}}}).cells()[0]
+    other = ExperimentConfig({**BASE_MAPPING, "model": "resnet20",
+                                      "dataset": {"name": "digits", "params": {"size": 24}}}).cells()[0]
     assert Evaluators.classifier_key(other) != Evaluators.classifier_key(cells[0])  # judged per dataset
     # the judge is built once and names itself identically in every row of the table
     data = datasets.get(cells[0]["dataset"]["name"], **cells[0]["dataset"]["params"])

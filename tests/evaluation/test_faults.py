@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -27,6 +26,7 @@ from torch import nn
 import leakbench.attacks.rmle  # noqa: F401  (the submodules below are used as attributes)
 import leakbench.evaluation.runner  # noqa: F401
 import leakbench.splitnn.training  # noqa: F401
+from harness import TINY_CONFIG, swap, without_judge, write_config
 from leakbench import attacks, defenses, evaluation, splitnn
 from leakbench.attacks.cache import cached_module
 from leakbench.evaluation import Matrix, ResultStore, load_config
@@ -40,36 +40,19 @@ from leakbench.splitnn.faults import CorruptCacheWarning, WriteFailure
 from leakbench.splitnn.training import TrainConfig, atomic_save, train
 
 #: Two cells (undefended and noise, rMLE for 5 iterations, 2 images, no judge): about a second from the cache.
-TINY = """
-name: tiny
-seed: 0
-dataset: digits
-model: resnet20
-train: {epochs: 1, batch_size: 128}
-cut: layer1
-defenses:
-  - none
-  - {name: gaussian_noise, params: {scale: 0.1}}
-attacks:
-  - {name: rmle, params: {iterations: 5}}
-evaluation: {num_images: 2, classifier: false}
-"""
+TINY = without_judge(TINY_CONFIG)
 
 
 @pytest.fixture
 def config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(textwrap.dedent(TINY))
-    return path
+    return write_config(tmp_path, TINY, "tiny.yaml")
 
 
 @pytest.fixture
 def two_seeds(tmp_path):
     """Seeds 0 and 1: two models (untrained, so cheap to build again), the cells of seed 0 first."""
-    path = tmp_path / "seeds.yaml"
-    path.write_text(textwrap.dedent(TINY).replace("seed: 0", "seed: [0, 1]").replace("epochs: 1", "epochs: 0")
-                    .replace("  - {name: gaussian_noise, params: {scale: 0.1}}\n", ""))
-    return path
+    text = swap(swap(TINY, "seed: 0", "seed: [0, 1]"), "epochs: 1", "epochs: 0")
+    return write_config(tmp_path, swap(text, "  - {name: gaussian_noise, params: {scale: 0.1}}\n", ""), "seeds.yaml")
 
 
 def _run(config, out, *extra):
@@ -620,7 +603,8 @@ def test_a_perfect_reconstruction_has_infinite_psnr_in_the_run_summary_and_the_r
                                                                                       monkeypatch, capsys):
     """The attack returns the attacked images themselves: PSNR is +inf and its CI NULL; run, report and export
     show it."""
-    data = datasets.get("digits")
+    dataset = load_config(config).cells()[0]["dataset"]
+    data = datasets.get(dataset["name"], **dataset["params"])
     truth = data.x_test[attacked_indices(data, 0, 2)]
 
     def perfect(self, client, features, **ctx):

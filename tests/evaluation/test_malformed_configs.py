@@ -1,30 +1,18 @@
 """Malformed configs, table-driven in the manner of SQLite's own error tests: every one stops before any work
 with exit 2, a message under 1,000 characters naming the key (or the file and line), and no traceback."""
-import textwrap
-
 import pytest
 
+from harness import TINY_CONFIG, swap
 from leakbench.evaluation.cli import main
 
-GOOD = textwrap.dedent("""\
-    name: tiny
-    seed: 0
-    dataset: digits
-    model: resnet20
-    train: {epochs: 1, batch_size: 128}
-    cut: layer1
-    defenses:
-      - none
-      - {name: gaussian_noise, params: {scale: 0.1}}
-    attacks:
-      - {name: rmle, params: {iterations: 5}}
-    evaluation: {num_images: 2}
-    """)
+#: The valid config every case edits: the tiny config the CLI tests run.
+GOOD = TINY_CONFIG
+#: The dataset entry of GOOD, which several cases replace whole.
+DATASET = "dataset: {name: digits, params: {size: 16}}"
 
 
 def _swap(old: str, new: str) -> str:
-    assert old in GOOD, old
-    return GOOD.replace(old, new, 1)
+    return swap(GOOD, old, new)
 
 
 def _defense(entry: str) -> str:
@@ -64,10 +52,10 @@ CASES = [
     ("a file over 1 MB", GOOD + "#" * 1_100_000 + "\n", "config.yaml"),
     # -- the classes that gave tracebacks ----------------------------------------------------------------------
     ("non-UTF-8 bytes", GOOD.encode() + b"name2: \xff\xfe\n", "UTF-8"),
-    ("Latin-1 text", GOOD.replace("tiny", "t\xefny").encode("latin-1"), "UTF-8"),
+    ("Latin-1 text", _swap("tiny", "t\xefny").encode("latin-1"), "UTF-8"),
     ("mixed-type top-level keys", GOOD + "1: one\n", "1"),
     ("a list where a name belongs", _swap("  - none", "  - [none]"), "defenses[0]"),
-    ("a list as the dataset name", _swap("dataset: digits", "dataset: {name: [digits]}"), "dataset.name"),
+    ("a list as the dataset name", _swap(DATASET, "dataset: {name: [digits]}"), "dataset.name"),
     ("a non-string parameter key", _defense("{name: gaussian_noise, params: {1: 0.1}}"), "defenses[1].params"),
     ("a list as a parameter key", _defense("{name: gaussian_noise, params: {? [a, b] : 0.1}}"), "config.yaml"),
     ("a missing lpips_weights file", _swap("{num_images: 2}", "{num_images: 2, lpips_weights: /no/such.pt}"),
@@ -75,7 +63,7 @@ CASES = [
     ("an lpips_weights file that is not a state dict", None, "evaluation.lpips_weights"),  # written in the test
     ("deep nesting", GOOD + "deep: " + "[" * 200 + "]" * 200 + "\n", "nesting"),
     ("an alias bomb", _BOMB + GOOD, "alias"),
-    ("an alias", GOOD.replace("seed: 0", "seed: &s 0") + "other: *s\n", "alias"),
+    ("an alias", _swap("seed: 0", "seed: &s 0") + "other: *s\n", "alias"),
     ("a merge key", GOOD + "base: &b {x: 1}\nmore: {<<: *b}\n", "config.yaml"),
     ("a python tag", GOOD + "x: !!python/object/apply:os.system [ls]\n", "config.yaml"),
     # -- accepted at validation, fatal at run time -------------------------------------------------------------
@@ -94,11 +82,11 @@ CASES = [
     ("an empty file", "", "top level"),
     ("a comment only", "# nothing\n", "top level"),
     ("unparseable YAML", GOOD + "attacks: [rmle\n", "config.yaml"),
-    ("a tab indent", GOOD.replace("  - none", "\t- none"), "config.yaml"),
+    ("a tab indent", _swap("  - none", "\t- none"), "config.yaml"),
     ("unknown top-level key", _swap("seed: 0", "sead: 0"), "sead"),
-    ("missing dataset", GOOD.replace("dataset: digits\n", ""), "dataset"),
-    ("missing model", GOOD.replace("model: resnet20\n", ""), "model"),
-    ("missing cut", GOOD.replace("cut: layer1\n", ""), "cut"),
+    ("missing dataset", _swap(DATASET + "\n", ""), "dataset"),
+    ("missing model", _swap("model: resnet20\n", ""), "model"),
+    ("missing cut", _swap("cut: layer1\n", ""), "cut"),
     ("missing attacks", GOOD[:GOOD.index("attacks:")] + "evaluation: {num_images: 2}\n", "attacks"),
     ("empty defenses list", _swap("defenses:\n  - none\n  - {name: gaussian_noise, params: {scale: 0.1}}",
                                   "defenses: []"), "defenses"),
@@ -112,7 +100,7 @@ CASES = [
     ("unknown defense", _defense("gausian_noise"), "defenses[1].name"),
     ("unknown attack", _attack("nope"), "attacks[0].name"),
     ("unknown model", _swap("model: resnet20", "model: resnet21"), "model.name"),
-    ("unknown dataset", _swap("dataset: digits", "dataset: cifar11"), "dataset.name"),
+    ("unknown dataset", _swap(DATASET, "dataset: cifar11"), "dataset.name"),
     ("cut not in the model", _swap("cut: layer1", "cut: layer7"), "cut"),
     ("cut in a list not in the model", _swap("cut: layer1", "cut: [layer1, fc2]"), "cut[1]"),
     ("cut a number", _swap("cut: layer1", "cut: 1"), "cut"),
@@ -136,17 +124,17 @@ CASES = [
      _swap("model: resnet20", "model: [resnet20, {name: resnet20, train: {batch_size: 0}}]"),
      "model[1].train.batch_size"),
     # -- dataset and model parameters ----------------------------------------------------------------------------
-    ("dataset size too small", _swap("dataset: digits", "dataset: {name: digits, params: {size: 4}}"),
+    ("dataset size too small", _swap(DATASET, "dataset: {name: digits, params: {size: 4}}"),
      "dataset.params.size"),
-    ("dataset size a string", _swap("dataset: digits", "dataset: {name: digits, params: {size: big}}"),
+    ("dataset size a string", _swap(DATASET, "dataset: {name: digits, params: {size: big}}"),
      "dataset.params.size"),
-    ("dataset channels 5", _swap("dataset: digits", "dataset: {name: digits, params: {channels: 5}}"),
+    ("dataset channels 5", _swap(DATASET, "dataset: {name: digits, params: {channels: 5}}"),
      "dataset.params.channels"),
-    ("dataset test_fraction 1", _swap("dataset: digits", "dataset: {name: digits, params: {test_fraction: 1}}"),
+    ("dataset test_fraction 1", _swap(DATASET, "dataset: {name: digits, params: {test_fraction: 1}}"),
      "dataset.params.test_fraction"),
-    ("dataset unknown param", _swap("dataset: digits", "dataset: {name: digits, params: {colour: true}}"),
+    ("dataset unknown param", _swap(DATASET, "dataset: {name: digits, params: {colour: true}}"),
      "dataset.params.colour"),
-    ("second dataset bad", _swap("dataset: digits", "dataset: [digits, {name: portraits, params: {size: 2}}]"),
+    ("second dataset bad", _swap(DATASET, "dataset: [digits, {name: portraits, params: {size: 2}}]"),
      "dataset[1].params.size"),
     ("model norm unknown", _swap("model: resnet20", "model: {name: resnet20, params: {norm: layer}}"),
      "model.params.norm"),
@@ -201,7 +189,7 @@ CASES = [
     ("unknown evaluation key", _swap("{num_images: 2}", "{num_images: 2, metric: psnr}"), "evaluation.metric"),
     ("evaluation a list", _swap("{num_images: 2}", "[2]"), "evaluation"),
     # -- cost --------------------------------------------------------------------------------------------------
-    ("a cell over the memory bound", _swap("dataset: digits", "dataset: {name: digits, params: {size: 512}}")
+    ("a cell over the memory bound", _swap(DATASET, "dataset: {name: digits, params: {size: 512}}")
      .replace("{num_images: 2}", "{num_images: 10000}"), "GiB"),
 ]
 
@@ -263,7 +251,7 @@ def test_repeated_seeds_and_entries_collapse_into_one_cell_each_with_a_note(tmp_
 
 def test_validate_prints_the_cost_and_force_accepts_an_oversized_grid(tmp_path, capsys):
     path = tmp_path / "config.yaml"
-    path.write_text(_swap("dataset: digits", "dataset: {name: digits, params: {size: 512}}")
+    path.write_text(_swap(DATASET, "dataset: {name: digits, params: {size: 512}}")
                     .replace("{num_images: 2}", "{num_images: 10000}"))
     assert main(["validate", str(path), "--force"]) == 0
     out = capsys.readouterr().out
@@ -272,7 +260,7 @@ def test_validate_prints_the_cost_and_force_accepts_an_oversized_grid(tmp_path, 
 
 def test_a_run_over_the_memory_bound_is_refused_before_any_work(tmp_path, capsys):
     path = tmp_path / "config.yaml"
-    path.write_text(_swap("dataset: digits", "dataset: {name: digits, params: {size: 512}}")
+    path.write_text(_swap(DATASET, "dataset: {name: digits, params: {size: 512}}")
                     .replace("{num_images: 2}", "{num_images: 10000}"))
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2

@@ -4,18 +4,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from harness import ROOT
 from leakbench import defenses
 from leakbench.evaluation import ConfigError, ExperimentConfig, Matrix, ResultStore, load_config
 from leakbench.evaluation.cli import main
 from leakbench.splitnn.training import CACHE_ENV
 
-ROOT = Path(__file__).resolve().parents[2]  # tests/evaluation/ -> the repository
 METRICS = ["accuracy", "mse", "psnr", "ssim", "psnr_ci_low", "psnr_ci_high"]
 
 CONFIG = """

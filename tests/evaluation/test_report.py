@@ -1,16 +1,17 @@
+"""Tables, figures and the HTML report: hand-made frames, and a tiny run (harness.FOUR_CELLS) with a done, a
+failed and two not-applicable cells."""
 import json
 import re
 import shutil
-import textwrap
 
 import pandas as pd
 import pytest
 
+from harness import FOUR_CELLS, swap, write_config
 from leakbench import attacks
 from leakbench.evaluation import figures
 from leakbench.evaluation.cli import main
 from leakbench.evaluation.tables import best_rows, matrix_latex, matrix_markdown, matrix_table
-from test_runner import CONFIG  # the tiny 4-cell config: none/noise x rMLE/PEEL, ResNet-20 on digits, 3 images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -115,9 +116,8 @@ def test_infinite_psnr_with_null_cis_goes_through_every_table_and_figure(frame, 
 def tiny_run(tmp_path_factory):
     """A tiny run with one done, one failed and two not-applicable cells, then `leakbench report` on it."""
     tmp = tmp_path_factory.mktemp("report")
-    config = tmp / "tiny.yaml"
     # with the classifier (for the attack-top-1 figure); at 16x16 its judge is the session's cheap one
-    config.write_text(textwrap.dedent(CONFIG).replace("classifier: false", "classifier: true"))
+    config = write_config(tmp, swap(FOUR_CELLS, "classifier: false", "classifier: true"), "tiny.yaml")
     original, calls = attacks.RMLE.reconstruct, []
 
     def fails_under_noise(self, client, features, **ctx):
@@ -184,14 +184,13 @@ def test_report_images_render_in_headless_chromium(tiny_run):
     assert {"Figures", "Cells", "Provenance"} <= set(headings)
 
 
-def test_one_reconstruction_grid_per_dataset_and_a_reason_when_one_cannot_load(tmp_path):
+def test_one_reconstruction_grid_per_dataset_and_a_reason_when_one_cannot_load(tiny_config, tmp_path):
     import torch
 
     from leakbench.evaluation import ResultStore, load_config
     from leakbench.evaluation.outputs import reconstruction_grids, write_figures
-    from test_cli import GOOD, _write
 
-    base = load_config(_write(tmp_path, GOOD)).cells()[0].config
+    base = load_config(tiny_config).cells()[0].config
     configs = [{**base, "dataset": {"name": "digits", "params": {**base["dataset"]["params"], "size": size}}}
                for size in (16, 8)] + [{**base, "dataset": {"name": "gone", "params": {}}}]
     with ResultStore(tmp_path / "r.sqlite") as store:

@@ -1,35 +1,18 @@
+"""The matrix runner on the tiny 4-cell config (harness.FOUR_CELLS): store, table and grid; skipping finished
+cells; stale rows after an edit; failing and unsupported cells."""
 import re
-import textwrap
 
 import pandas as pd
 import pytest
 
+from harness import FOUR_CELLS, write_config
 from leakbench import attacks
 from leakbench.evaluation import Matrix, ResultStore, load_config
 from leakbench.evaluation.cli import main
 
-CONFIG = """
-name: tiny
-seed: 0
-dataset: {name: digits, params: {size: 16}}  # 16x16: a 4x cheaper target
-model: resnet20
-train: {epochs: 1, batch_size: 128}
-cut: layer1
-defenses:
-  - none
-  - {name: gaussian_noise, params: {scale: 0.5}}
-attacks:
-  - {name: rmle, params: {iterations: 10}}
-  - {name: peel, params: {max_iter: 5, fixed_point_iters: 5}}
-evaluation: {num_images: 3, classifier: false}  # no judge to train: these tests are about the runner
-"""
-
-
 @pytest.fixture
 def config_path(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(textwrap.dedent(CONFIG))
-    return path
+    return write_config(tmp_path, FOUR_CELLS, "tiny.yaml")
 
 
 def test_run_writes_store_table_and_grid_then_skips_finished_cells(config_path, tmp_path, monkeypatch, capsys):
@@ -118,7 +101,6 @@ def test_cell_keys_cover_resolved_defaults(config_path):
     assert cells[0]["attack"]["params"]["tv_weight"] == attacks.RMLE().tv_weight  # the default is part of the key
 
 
-
 PEEL_LINE = "  - {name: peel, params: {max_iter: 5, fixed_point_iters: 5}}\n"
 
 
@@ -134,10 +116,9 @@ def _edit_peel_in_a_copy(root, monkeypatch):
     attack.write_text(attack.read_text() + "\n# an edit\n")
     monkeypatch.setattr(fingerprint, "ROOT", root)
 
-def test_recompute_forces_the_cells_of_an_attack_or_defense(tmp_path, capsys):
-    from test_cli import GOOD, _write
 
-    config, out = _write(tmp_path, GOOD), tmp_path / "out"
+def test_recompute_forces_the_cells_of_an_attack_or_defense(tiny_config, tmp_path, capsys):
+    config, out = tiny_config, tmp_path / "out"
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["run", str(config), "--out", str(out), "--quiet", "--recompute", "gaussian_noise"]) == 0
@@ -151,12 +132,10 @@ def test_recompute_forces_the_cells_of_an_attack_or_defense(tmp_path, capsys):
     assert not (tmp_path / "other").exists()  # nothing written
 
 
-def test_a_store_from_before_fingerprints_is_migrated_and_its_rows_are_stale(tmp_path):
+def test_a_store_from_before_fingerprints_is_migrated_and_its_rows_are_stale(tiny_config, tmp_path):
     import sqlite3
 
-    from test_cli import GOOD, _write
-
-    config = load_config(_write(tmp_path, GOOD))
+    config = load_config(tiny_config)
     path = tmp_path / "old.sqlite"
     with ResultStore(path) as store:
         for cell in config.cells():
@@ -172,8 +151,8 @@ def test_a_store_from_before_fingerprints_is_migrated_and_its_rows_are_stale(tmp
     assert cells.is_current.all() and (cells.psnr != 9.0).all()
 
 
-def test_extra_columns_are_typed_added_on_first_use_and_validated(tmp_path):
-    config = load_config(_write_good(tmp_path)).cells()[0].config
+def test_extra_columns_are_typed_added_on_first_use_and_validated(tiny_config, tmp_path):
+    config = load_config(tiny_config).cells()[0].config
     with ResultStore(tmp_path / "r.sqlite") as store:
         store.write_cell("a", "run", config, "done", extra={"budget_end_to_end_evaluations": 300, "evaluator": None})
         store.write_cell("b", "run", config, "done", extra={"budget_end_to_end_evaluations": None,
@@ -186,9 +165,3 @@ def test_extra_columns_are_typed_added_on_first_use_and_validated(tmp_path):
     assert types["budget_end_to_end_evaluations"] == "REAL" and types["evaluator"] == "TEXT"
     assert cells.budget_end_to_end_evaluations.tolist()[0] == 300.0
     assert cells.evaluator.tolist()[1] == "resnet20 on digits"
-
-
-def _write_good(tmp_path):
-    from test_cli import GOOD, _write
-
-    return _write(tmp_path, GOOD)

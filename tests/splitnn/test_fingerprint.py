@@ -144,13 +144,12 @@ def test_an_attack_cache_of_other_code_is_not_loaded(tmp_path, monkeypatch):
         cached_module(nn.Linear(2, 2), "not_an_attack", key, tmp_path, fit)
 
 
-def test_the_runner_fingerprints_the_attack_the_defense_and_the_row_code(tmp_path, monkeypatch):
+def test_the_runner_fingerprints_the_attack_the_defense_and_the_row_code(tiny_config, monkeypatch):
     from leakbench.evaluation import load_config, runner, store
-    from test_cli import GOOD, _write
 
     seen = []
     monkeypatch.setattr(store, "code_fingerprint", lambda *modules: seen.append(modules) or "fp")
-    cells = load_config(_write(tmp_path, GOOD)).cells()
+    cells = load_config(tiny_config).cells()
     assert runner.Matrix.cell_fingerprint(cells[1]) == "fp"
     assert seen == [("leakbench.attacks.rmle", "leakbench.defenses.noise", *store.ROW_MODULES)]
 

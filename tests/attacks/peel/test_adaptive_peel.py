@@ -3,8 +3,8 @@ transform defense, strictly better against noise, plain PEEL against a defense w
 import pytest
 import torch
 
+from harness import psnr
 from leakbench import attacks, defenses
-from attack_fixtures import digits16, psnr, trained_split
 from leakbench.attacks.base import AttackContext, Knowledge, PublicDefense
 from leakbench.attacks.peel.readers import read_defense
 from leakbench.attacks.peel import Masked, Noisy, register_reader
@@ -16,10 +16,8 @@ BUDGET = {"max_iter": 30, "refine_iter": 150}
 
 
 @pytest.fixture(scope="module")
-def setting():
-    data = digits16()
-    _, client, server = trained_split(data)
-    return data, client, server, data.x_test[:4]
+def setting(small_split):
+    return small_split.data, small_split.client, small_split.server, small_split.data.x_test[:4]
 
 
 def _both(setting, defense):
