@@ -97,6 +97,8 @@ def test_shadow_recovers_recognisable_digits_undefended(setting, inverter):
     rec = attacks.get("shadow", inverter=inverter, epochs=6, iterations=150).reconstruct(
         client, features, AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, seed=0), server=server))
     assert rec.diagnostics["shadow_auxiliary_accuracy"] > 0.8  # the shadow serves the frozen server
+    spent = rec.diagnostics["budget"]  # its inverter's end-to-end fit through the shadow
+    assert spent["end_to_end_evaluations"] >= spent["end_to_end_iterations"] > 0
     # The judge recognises 98% of true digits; the mean image, and an untrained shadow's reconstructions,
     # 10% (chance). Measured here: 70% (rmle) and 65% (peel).
     judge = get_evaluation_classifier(data)

@@ -1,4 +1,6 @@
-"""Training defenses (dp_sgd, groupnorm_baseline, nopeek) as hooks of the one loop, the runner and the CLI."""
+"""Training defenses (dp_sgd, groupnorm_baseline, nopeek) as hooks of the one loop, the runner and the CLI. That
+one at its declared strength zero trains the plain model is the contract suite's
+(tests/contracts/test_defense_contracts.py)."""
 import json
 import math
 import textwrap
@@ -186,41 +188,6 @@ def test_nopeek_lowers_distance_correlation_at_the_cut(small_digits, tmp_path):
     assert d_nopeek < d_plain - 0.02, (d_plain, d_nopeek)
     assert nopeek.hooks.report["cut"] == "layer1" and nopeek.hooks.guarantee() == {}
     assert 0 < nopeek.hooks.report["final_epoch_dcor"] < 1
-
-
-TRAINING = sorted(n for n in defenses.names() if defenses.defense_class(n).kind == "training")
-
-
-@pytest.mark.parametrize("name", [n for n in TRAINING if defenses.defense_class(n).strength_zero is not None])
-def test_a_training_defense_at_strength_zero_trains_the_plain_model(name):
-    """Read from the class: the same weights (and BatchNorm statistics) as the loop without hooks."""
-    data = datasets.get("digits", size=8)
-    x, y = data.x_train[:96], data.y_train[:96]
-    trained = []
-    for hooks in (None, defenses.hooks_for(TrainConfig("resnet20", "digits", cut="layer1", defense={
-            "name": name, "params": dict(defenses.defense_class(name).strength_zero)}))):
-        torch.manual_seed(0)
-        model = _resnet()
-        model = hooks.prepare_model(model) if hooks is not None else model
-        fit(model, x, y, epochs=1, lr=0.05, batch_size=32, weight_decay=5e-4, seed=0, progress=False, hooks=hooks)
-        trained.append(model.state_dict())
-    assert trained[0].keys() == trained[1].keys()
-    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
-
-
-def test_strength_zero_is_a_real_switch_for_nopeek():
-    """The check above would catch a penalty that stayed on: with alpha > 0 the weights differ."""
-    data = datasets.get("digits", size=8)
-    x, y = data.x_train[:96], data.y_train[:96]
-    states = []
-    for alpha in (0.0, 1.0):
-        torch.manual_seed(0)
-        model = _resnet()
-        hooks = defenses.hooks_for(TrainConfig("resnet20", "digits", cut="layer1",
-                                               defense={"name": "nopeek", "params": {"alpha": alpha}}))
-        fit(model, x, y, epochs=1, lr=0.05, batch_size=32, weight_decay=5e-4, seed=0, progress=False, hooks=hooks)
-        states.append(model.state_dict())
-    assert not all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 # ---------------------------------------------------------------- runner, YAML and CLI

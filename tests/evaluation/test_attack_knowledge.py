@@ -1,15 +1,17 @@
 """The runner passes attacks what their declared knowledge entitles them to, and marks cells whose attack
-needs knowledge the defense denies as not applicable (from the declaration, not by running them)."""
+needs knowledge the defense denies as not applicable (from the declaration, not by running them). That every
+registered attack reads only what its knowledge grants, and records its budget with the same keys, is the
+contract suite's (tests/contracts/test_attack_contracts.py)."""
 import textwrap
-from dataclasses import fields
 
 import pytest
 import torch
 
 from harness import digits16
+from harness import present_fields as present
 from leakbench import attacks, defenses
-from leakbench.attacks.base import BUDGET_KEYS, AttackContext, Knowledge, PublicDefense
-from leakbench.contracts import GRANTS, MissingContext
+from leakbench.attacks.base import AttackContext, Knowledge, PublicDefense
+from leakbench.contracts import MissingContext
 from leakbench.defenses import base as defense_base
 from leakbench.evaluation import Matrix, ResultStore, load_config
 from leakbench.evaluation.attack_context import attack_context, auxiliary_split, denied, query_oracle
@@ -18,11 +20,6 @@ from leakbench.splitnn import split, zoo
 
 #: The base of a feature defense (``FeatureDefense`` once the defenses have two bases; ``Defense`` before).
 FeatureBase = getattr(defense_base, "FeatureDefense", defense_base.Defense)
-
-
-def present(context: AttackContext) -> set[str]:
-    """The context's fields that are there (not None)."""
-    return {f.name for f in fields(context) if getattr(context, f.name) is not None}
 
 
 class SecretKeyDefense(FeatureBase):
@@ -113,48 +110,6 @@ def test_query_noise_is_a_fresh_stream():
     queried = query_oracle(client, defenses.get("gaussian_noise", scale=0.5, seed=0), seed=0)(x)
     assert not torch.allclose(queried - clean, attacked - clean)  # the attacker cannot replay the cell's noise
     assert torch.equal(queried, query_oracle(client, defenses.get("gaussian_noise", scale=0.5, seed=0), seed=0)(x))
-
-
-@pytest.mark.parametrize("name", attacks.names())
-def test_every_attack_records_its_budget_with_the_same_keys(name):
-    """The contract the result rows read: end-to-end iterations and evaluations, block-wise evaluations, seconds."""
-    data = digits16()
-    client, server = split(zoo.get("resnet20").eval(), "layer1")
-    x = data.x_test[:2]
-    with torch.no_grad():
-        features = client(x)
-    small = {"rmle": {"iterations": 3}, "peel": {"max_iter": 2, "block_iter": 2, "refine_iter": 3},
-             "inverse_net": {"epochs": 1}, "shadow": {"epochs": 1, "iterations": 3}}
-    attack = attacks.get(name, **small.get(name, {}))
-    context = attack_context(attack, data=data, client=client, server=server, defense=defenses.get("none"), seed=0,
-                             cache_dir=None, cache_key={})
-    spent = attack.reconstruct(client, features, context).diagnostics["budget"]
-    assert tuple(spent) == BUDGET_KEYS
-    assert spent["seconds"] > 0 and len(spent["end_to_end_evaluations_per_sample"]) == len(x)
-    assert spent["end_to_end_evaluations"] == sum(spent["end_to_end_evaluations_per_sample"]) / len(x)
-    if name in ("rmle", "peel", "shadow"):  # shadow inverts its own client with rMLE
-        assert spent["end_to_end_evaluations"] >= spent["end_to_end_iterations"] > 0
-    assert (spent["blockwise_evaluations"] > 0) == (name == "peel")
-
-
-@pytest.mark.parametrize("name", attacks.names())
-def test_every_field_an_attack_reads_is_granted_by_its_knowledge(name):
-    """The runner grants exactly the fields of the declared knowledge; an attack reading one it does not declare
-    is refused, and an absent required field is a clear error naming it and the knowledge that grants it."""
-    data = digits16()
-    client, server = split(zoo.get("resnet20").eval(), "layer1")
-    attack = attacks.get(name)
-    context = attack_context(attack, data=data, client=client, server=server, defense=defenses.get("none"), seed=0,
-                             cache_dir=None, cache_key={})
-    granted = {field for field, knowledge in GRANTS.items() if knowledge in attack.knowledge}
-    assert present(context) & set(GRANTS) == granted
-    for field, knowledge in GRANTS.items():
-        if knowledge in attack.knowledge:
-            with pytest.raises(MissingContext, match=f"{field}=.*Knowledge.{knowledge.name}"):
-                AttackContext(image_shape=data.shape).require(field, by=attack)
-        else:
-            with pytest.raises(TypeError, match=f"{name} reads {field} without declaring"):
-                context.require(field, by=attack)
 
 
 def test_knowledge_is_a_property_of_the_parameters():
