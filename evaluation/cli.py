@@ -16,7 +16,7 @@ EXIT_CONFIG_ERROR = 2
 def _cmd_validate(args: argparse.Namespace) -> int:
     from leakbench.evaluation.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.device)
     cells = config.cells()
     for cell in cells:
         print(f"{cell.key}  {cell.label()}")
@@ -48,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from leakbench.evaluation.store import ResultStore
     from leakbench.evaluation.store_lock import RunLock
 
-    config = load_config(args.config)  # validated completely before any work
+    config = load_config(args.config, args.device)  # validated completely before any work
     if not _affordable(config, args):
         return EXIT_CONFIG_ERROR
     out = Path(args.out) if args.out else Path("results") / config.name
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recompute the cells of this attack or defense even if the store has them from the "
                           "installed code (repeatable); cells stored by other code are always recomputed")
     run.add_argument("--force", action="store_true", help="run a grid over the cell-count or memory bound")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device, else auto)")
     run.set_defaults(func=_cmd_run)
     export = sub.add_parser("export", help="write the cells and per-image rows of a result store as CSV or Parquet")
     export.add_argument("results", help="a results directory (leakbench run --out) or its results.sqlite")
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config and list the cells it would run")
     validate.add_argument("config")
     validate.add_argument("--force", action="store_true", help="accept a grid over the cell-count or memory bound")
+    validate.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's device, else auto)")
     validate.set_defaults(func=_cmd_validate)
     listing = sub.add_parser("defenses", help="list every defense with its kind, parameters and guarantee")
     listing.add_argument("-v", "--verbose", action="store_true", help="one paragraph per defense")

@@ -72,7 +72,7 @@ class Cell:
             cut = c["cut"] if cls.uses_cut else None
         return TrainConfig(model=c["model"]["name"], dataset=c["dataset"]["name"],
                            model_params=c["model"]["params"], dataset_params=c["dataset"]["params"],
-                           seed=c["seed"], defense=defense, cut=cut, **c["train"])
+                           seed=c["seed"], defense=defense, cut=cut, weights=c["model"].get("weights"), **c["train"])
 
     def short_label(self) -> str:
         """Cut, defense with its parameters, and attack name, on three lines (for figures)."""
@@ -98,12 +98,14 @@ def _written_at(param: str, zip_paths: dict[str, str] | None) -> str:
 class ExperimentConfig:
     """A validated config. Construction checks every key (all problems at once); ``cells()`` expands the grid."""
 
-    def __init__(self, raw: Any, source: str = "<config>"):
+    def __init__(self, raw: Any, source: str = "<config>", device: str | None = None):
         self.source = source
         parsed, self._issues = schema.parse(raw)
         self.raw = copy.deepcopy(raw)
         self.name = parsed.get("name") or _safe_name(Path(source).stem)
         self.notes: list[str] = []
+        self.device = self._device(device if device is not None else parsed.get("device", "auto"),
+                                   "--device" if device is not None else "device")
         self.seeds = self._unique(parsed.get("seed", []), "seed")
         self.cuts = self._unique(parsed.get("cut", []), "cut")
         entries = [self._dataset(entry, self._key(raw, "dataset", i))  # None: a problem, in self._issues
@@ -119,10 +121,24 @@ class ExperimentConfig:
         self.defenses = self._entries(parsed.get("defenses", []), raw, "defenses", defenses.get,
                                       exclude=frozenset({"seed"}))
         self.attacks = self._entries(parsed.get("attacks", []), raw, "attacks", attacks.get)
+        self._check_weights_untrained(raw)
         if self._issues:
             raise ConfigError.of(self._issues)
         self.datasets = cast("list[dict[str, Any]]", entries)  # no problems: no None
         self._infos = [d.pop("info") for d in self.datasets]
+
+    def _device(self, spec: str, key: str) -> str:
+        """The device the cells run on (not part of a cell's key: the device is recorded in the run's provenance)."""
+        from leakbench.splitnn import devices
+
+        try:
+            device, note = devices.resolve(spec)
+        except ParameterError as exc:
+            self._issue(key, exc.value, exc.expected)
+            return "cpu"
+        if note:
+            self.notes.append(f"{key}: {note}")
+        return device
 
     def _unique(self, values: list[Any], key: str) -> list[Any]:
         """Drop repeated seeds or cuts (they would give identical cells), with a note."""
@@ -166,11 +182,11 @@ class ExperimentConfig:
             self._issue(path, exc.value, exc.expected)
             return None
 
-    def _factory(self, registry_factory: Callable[[str], Any], name: str, key: str) -> Any:
+    def _factory(self, registry_factory: Callable[[str], Any], name: str, key: str, name_key: str = "name") -> Any:
         try:
             return registry_factory(name)
         except ParameterError as exc:
-            self._issue(f"{key}.name", exc.value, exc.expected)
+            self._issue(f"{key}.{name_key}", exc.value, exc.expected)
             return None
 
     def _dataset(self, entry: schema.Entry, key: str) -> dict[str, Any] | None:
@@ -198,33 +214,59 @@ class ExperimentConfig:
 
         from leakbench.splitnn.split import valid_cuts
 
+        name = cast(str, entry.name)  # the schema sets it from torchvision or factory when not given
         own_train = entry.train.model_dump(exclude_none=True)
         train = {**self.train, **own_train}
-        resolved = {"name": entry.name, "params": dict(entry.params), "train": train}
+        resolved = {"name": name, "params": dict(entry.params), "train": train}
         train_key = f"{key}.train" if own_train else "train"
         try:
-            config = TrainConfig(model=entry.name, dataset="", **train)
+            config = TrainConfig(model=name, dataset="", **train)
             resolved["train"] = {k: getattr(config, k) for k in sorted(TRAIN_KEYS)}
         except ParameterError as exc:
             self._issue(f"{train_key}.{exc.key}", exc.value, exc.expected)
-        factory = self._factory(zoo.factory, entry.name, key)
+        factory = self._factory(zoo.factory, name, key, entry.name_key)
         meta: dict[tuple[int, int], Any] = {}
         self._meta_models.append(meta)
-        if factory is None or not self._params(factory, entry.params, key):
+        given_by_data = frozenset(k for k in ("num_classes", "in_channels") if k not in entry.params)
+        if factory is None or not self._params(factory, entry.params, key, exclude=given_by_data):
             return resolved
         for num_classes, in_channels in shapes:
             with torch.device("meta"):
-                model = self._build(zoo.get, entry.name, {"num_classes": num_classes, "in_channels": in_channels,
+                model = self._build(zoo.get, name, {"num_classes": num_classes, "in_channels": in_channels,
                                                           **entry.params}, key)
             if model is None:
                 return resolved
             meta[(num_classes, in_channels)] = model
+            if entry.weights is not None and not self._weights(model, entry.weights, key, resolved):
+                return resolved
             cuts = valid_cuts(model)
             for i, cut in enumerate(self.cuts):
                 if cut not in cuts:
                     where = f"cut[{i}]" if isinstance(self.raw.get("cut"), list) else "cut"
-                    self._issue(where, cut, f"a module after which {entry.name} can be cut: " + ", ".join(cuts))
+                    self._issue(where, cut, f"a module after which {name} can be cut: " + ", ".join(cuts))
         return resolved
+
+    def _check_weights_untrained(self, raw: dict[str, Any]) -> None:
+        """A model loaded from the user's weights is not trained, so no training defense can shape it."""
+        trainers = sorted({d["name"] for d in self.defenses if defenses.defense_class(d["name"]).kind == "training"})
+        for i, entry in enumerate(self.models):
+            if "weights" in entry and trainers:
+                self._issue(f"{self._key(raw, 'model', i)}.weights", entry["weights"]["file"],
+                            f"no weights with a training defense ({', '.join(trainers)} trains the model; a model "
+                            "with weights is not trained): drop one of them")
+
+    def _weights(self, model: Any, path: str, key: str, resolved: dict[str, Any]) -> bool:
+        """Check the user's weights file against the model built on the meta device; record its digest (a new
+        file is a new cell). False, with the issue noted, if it does not fit."""
+        from leakbench.splitnn import user_models
+
+        try:
+            user_models.check_weights(model, path)
+        except ParameterError as exc:
+            self._issue(f"{key}.weights", exc.value, exc.expected)
+            return False
+        resolved["weights"] = {"file": path, "sha256": user_models.file_digest(path)}
+        return True
 
     def _entries(self, entries: list[schema.ZippedEntry], raw: dict[str, Any], section: str,
                  build: Callable[..., Any], exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
@@ -284,18 +326,28 @@ class ExperimentConfig:
 
     def cells(self) -> list[Cell]:
         """The grid: every seed x dataset x model x cut x defense x attack, in that nesting order."""
-        return [Cell({"dataset": dataset, "model": {"name": entry["name"], "params": entry["params"]},
+        return [Cell({"dataset": dataset, "model": _model_of(entry),
                       "train": entry["train"], "cut": cut, "defense": defense, "attack": attack, "seed": seed,
                       "evaluation": self.evaluation})
                 for seed in self.seeds for dataset in self.datasets for entry in self.models
                 for cut in self.cuts for defense in self.defenses for attack in self.attacks]
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate a YAML config; raises ConfigError (every problem, each naming its key; a file that is
-    not acceptable YAML names the file and line) or OSError (the file cannot be read)."""
+def _model_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """A cell's model: name and params, and the weights file's path and digest when the user gave one (so that
+    cells without weights keep the keys they had before weights existed)."""
+    model = {"name": entry["name"], "params": entry["params"]}
+    if "weights" in entry:
+        model["weights"] = entry["weights"]
+    return model
+
+
+def load_config(path: str | Path, device: str | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config (``device`` overrides its ``device``); raises ConfigError (every problem,
+    each naming its key; a file that is not acceptable YAML names the file and line) or OSError (the file cannot
+    be read)."""
     try:
         raw = load_yaml(path)
     except YAMLInputError as exc:
         raise ConfigError(exc.key, exc.value, exc.expected) from None
-    return ExperimentConfig(raw, str(path))
+    return ExperimentConfig(raw, str(path), device)

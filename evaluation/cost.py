@@ -33,7 +33,7 @@ def _outputs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, int]]:
              for name, module in model.named_modules() if not list(module.children())]
     try:
         with torch.no_grad():
-            model(torch.empty((1, *shape), device="meta"))
+            model(torch.empty((2, *shape), device="meta"))  # two: BatchNorm refuses one value per channel
     finally:
         for hook in hooks:
             hook.remove()

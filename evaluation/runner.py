@@ -27,7 +27,7 @@ from leakbench.evaluation.evaluators import Evaluators
 from leakbench.evaluation.image_sets import attacked_indices
 from leakbench.evaluation.metrics import accuracy, image_metrics, summarize, worst_case
 from leakbench.evaluation.store import ResultStore, row_fingerprint
-from leakbench.splitnn import datasets
+from leakbench.splitnn import datasets, devices
 from leakbench.splitnn.datasets import Dataset
 from leakbench.splitnn.errors import ParameterError
 from leakbench.splitnn.faults import WriteFailure
@@ -204,7 +204,8 @@ class Matrix:
         forced = self.forced(recompute)  # a bad name fails before any work
         executor = executor or Sequential()
         cells = self.cells()
-        run_id = store.start_run(self.config.raw, {**provenance.collect(), "executor": executor.describe()})
+        run_id = store.start_run(self.config.raw, {**provenance.collect(devices.describe(self.config.device)),
+                                                   "executor": executor.describe()})
         summary = RunSummary(run_id)
         pending = []
         fingerprints = {cell.key: self.cell_fingerprint(cell) for cell in cells}

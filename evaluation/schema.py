@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, TypeAdapter,
-                      ValidationError)
+                      ValidationError, model_validator)
 from pydantic_core import ErrorDetails
 
 from leakbench.evaluation.perceptual import BACKBONES
+from leakbench.splitnn.devices import PATTERN as DEVICE_PATTERN
 from leakbench.splitnn.errors import problem
 from leakbench.splitnn.params import STRICT, Seed, expected_of
 
@@ -73,9 +74,37 @@ NamedEntry = Annotated[Entry, BeforeValidator(_named)]
 
 
 class ModelEntry(Entry):
-    """A model; its ``train`` overrides the top-level one (e.g. ``epochs: 0`` for random weights)."""
+    """A model; its ``train`` overrides the top-level one (e.g. ``epochs: 0`` for random weights). It is named
+    by exactly one of ``name`` (the zoo), ``torchvision`` (an architecture) or ``factory``
+    (``package.module:function``); ``weights`` is the user's state-dict file, and the model is then not trained."""
 
+    name: Name | None = None  # type: ignore[assignment]  # set from torchvision or factory when not given
+    torchvision: Name | None = None
+    factory: Name | None = None
+    weights: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    num_classes: int | None = Field(None, ge=1, le=1_000_000)
     train: Annotated[Train, BeforeValidator(_empty_mapping)] = Train()
+
+    @model_validator(mode="after")
+    def _one_name(self) -> "ModelEntry":
+        given = [key for key in ("name", "torchvision", "factory") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of name (a zoo model), torchvision (an architecture) or factory "
+                             "(package.module:function)")
+        if self.torchvision is not None:
+            self.name = f"torchvision:{self.torchvision}"
+        elif self.factory is not None:
+            self.name = self.factory
+        if self.num_classes is not None:
+            if "num_classes" in self.params:
+                raise ValueError("num_classes either beside name or in params, not both")
+            self.params = {**self.params, "num_classes": self.num_classes}
+        return self
+
+    @property
+    def name_key(self) -> str:
+        """The key the model's name was written under."""
+        return "torchvision" if self.torchvision is not None else "factory" if self.factory is not None else "name"
 
 
 class ZippedEntry(Entry):
@@ -122,6 +151,7 @@ class Experiment(_Strict):
     defenses: OneOrMany[Annotated[ZippedEntry, BeforeValidator(_named)]]
     attacks: OneOrMany[Annotated[ZippedEntry, BeforeValidator(_named)]]
     evaluation: Annotated[Evaluation, BeforeValidator(_empty_mapping)] = Evaluation()
+    device: Annotated[str, StringConstraints(pattern=DEVICE_PATTERN)] = "auto"
 
 
 def parse(raw: dict[str, Any]) -> tuple[dict[str, Any], list["Issue"]]:

@@ -41,13 +41,16 @@ def signature_model(factory: Callable[..., Any], exclude: frozenset[str] = froze
     target = getattr(target, "__wrapped__", target)
     hints = typing.get_type_hints(target, include_extras=True)
     fields: dict[str, Any] = {}
+    open_ended = False  # a **kwargs factory (e.g. torchvision's builders) takes keys it does not declare
     for param in inspect.signature(target).parameters.values():
+        open_ended |= param.kind is param.VAR_KEYWORD
         if param.name in ("self", *exclude) or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[param.name] = (hints.get(param.name, Any), default)
     name = getattr(factory, "__name__", "factory")
-    return create_model(f"{name}_params", __config__=STRICT, **fields)
+    config = ConfigDict(**{**STRICT, "extra": "allow"}) if open_ended else STRICT
+    return create_model(f"{name}_params", __config__=config, **fields)
 
 
 _EXPECTED = {

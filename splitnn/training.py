@@ -84,6 +84,8 @@ class TrainConfig:
     defense: dict[str, Any] | None = None
     #: The cut, for hooks that act there (e.g. NoPeek); None otherwise.
     cut: str | None = None
+    #: The user's weights, ``{"file": path, "sha256": digest}``: the model is loaded from them, never trained.
+    weights: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_number("epochs", self.epochs, low=0, integer=True)
@@ -96,10 +98,10 @@ class TrainConfig:
             raise ParameterError("defense", self.defense, "a mapping with 'name' and optional 'params'")
 
     def key(self) -> str:
-        """The hash naming the checkpoint; ``defense`` and ``cut`` count only when set, so plain
-        configs keep the hashes they had before training defenses existed."""
+        """The hash naming the checkpoint; ``defense``, ``cut`` and ``weights`` count only when set, so plain
+        configs keep the hashes they had before those existed."""
         config = asdict(self)
-        for optional in ("defense", "cut"):
+        for optional in ("defense", "cut", "weights"):
             if config[optional] is None:
                 del config[optional]
         return config_hash(config)
@@ -196,6 +198,8 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
                              "None, or a config whose defense names these hooks (so they get their own checkpoint)")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = data if data is not None else datasets_mod.get(config.dataset, **config.dataset_params)
+    if config.weights is not None:
+        return _with_weights(config, data, hooks)
 
     def fresh_model() -> nn.Module:
         torch.manual_seed(config.seed)
@@ -233,3 +237,20 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
     atomic_save(path, lambda file: torch.save(model.state_dict(), file))  # the sidecar last: it marks done
     atomic_save(meta_path, lambda file: file.write(meta.encode()))
     return TrainedModel(model, config, acc, False, path, seconds, hooks)
+
+
+def _with_weights(config: TrainConfig, data: datasets_mod.Dataset, hooks: TrainingHooks | None) -> TrainedModel:
+    """The user's model with the user's weights (``config.weights``): built, loaded and scored, not trained."""
+    from leakbench.splitnn.user_models import file_digest, load_weights
+
+    assert config.weights is not None
+    if hooks is not None:
+        raise ParameterError("weights", config.weights["file"], "a model to train: a training defense "
+                             f"({type(hooks).__name__}) shapes training, and a model with weights is not trained")
+    file = config.weights["file"]
+    if file_digest(file) != config.weights["sha256"]:
+        raise ParameterError("weights", file, f"the file validated (SHA-256 {config.weights['sha256']}); it has "
+                                              "changed since: validate the config again")
+    torch.manual_seed(config.seed)
+    model = load_weights(build_model(config, data), file).eval()
+    return TrainedModel(model, config, accuracy(model, data.x_test, data.y_test), False, Path(file), 0.0, None)

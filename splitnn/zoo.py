@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from leakbench.splitnn.errors import check_bool, check_choice, check_number
+from leakbench.splitnn.errors import ParameterError, check_bool, check_choice, check_number
 from leakbench.splitnn.registry import Registry
 
 _registry: Registry[nn.Module] = Registry("model")
@@ -291,8 +291,11 @@ _registry.register("ir152")(_ir([3, 8, 36, 3], 152))
 
 
 def get(name: str, **params: Any) -> nn.Module:
-    """Build a model of the zoo by name, e.g. ``zoo.get("resnet20", num_classes=10)``."""
-    return _registry.get(name, **params)
+    """Build a model of the zoo by name, e.g. ``zoo.get("resnet20", num_classes=10)``; a name with a colon is a
+    torchvision architecture (``torchvision:resnet18``) or the user's factory (``package.module:function``)."""
+    from leakbench.splitnn import user_models
+
+    return user_models.factory(name)(**params) if user_models.is_user_model(name) else _registry.get(name, **params)
 
 
 def names() -> list[str]:
@@ -301,4 +304,12 @@ def names() -> list[str]:
 
 def factory(name: str) -> Callable[..., Any]:
     """The function registered as ``name`` (its signature declares the model's parameters), without calling it."""
-    return _registry.factory(name)
+    from leakbench.splitnn import user_models
+
+    if user_models.is_user_model(name):
+        return user_models.factory(name)
+    try:
+        return _registry.factory(name)
+    except ParameterError as exc:
+        raise ParameterError("name", name, f"{exc.expected}; or torchvision:ARCH, or package.module:function "
+                                           "(the user's own factory)") from None
