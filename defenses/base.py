@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal, Mapping
 import torch
 from torch import nn
 
+from leakbench.contracts import Knowledge
 from leakbench.splitnn.hooks import TrainingHooks
 from leakbench.splitnn.params import Declared, Seed
 
@@ -34,9 +35,9 @@ class Defense(Declared):
     #: An undefended reference row (no defense, or the same architecture without the defense): tables compare
     #: the defenses with it and never mark it the best defense.
     baseline: ClassVar[bool] = False
-    #: Attacker knowledge this defense takes away (e.g. ``{"client_weights"}`` for a client with a secret
-    #: key); the runner marks cells of attacks that need any of it not applicable. Values of attacks.Knowledge.
-    denies: ClassVar[frozenset[str]] = frozenset()
+    #: Attacker knowledge this defense takes away (e.g. ``{Knowledge.CLIENT_WEIGHTS}`` for a client with a
+    #: secret key); the runner marks cells of attacks that need any of it not applicable.
+    denies: ClassVar[frozenset[Knowledge]] = frozenset()
     #: Transform defenses: whether ``fit()`` must run on training data before ``transform()``.
     needs_fit: ClassVar[bool] = False
     #: Training defenses: whether training needs the name of the cut (e.g. NoPeek's penalty there).

@@ -44,7 +44,7 @@ def query_oracle(client: nn.Module, defense: Defense, seed: int, batch_size: int
 
 def denied(attack: Attack, defense: Defense) -> str:
     """Why ``attack`` cannot run behind ``defense`` (knowledge it needs that the defense denies), or ''."""
-    missing = set(attack.knowledge) & {Knowledge(k) for k in defense.denies}
+    missing = set(attack.knowledge) & set(defense.denies)
     if not missing:
         return ""
     names = ", ".join(sorted(k.value for k in missing))
