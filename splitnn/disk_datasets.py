@@ -67,7 +67,11 @@ def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _from_uint8(images: np.ndarray, size: int, channels: int) -> torch.Tensor:
     """(N, H, W) or (N, H, W, 3) uint8 -> (N, channels, size, size) floats in [0, 1] (bilinear resize)."""
-    x = torch.as_tensor(images).float().div(255.0)
+    return from_float(torch.as_tensor(images).float().div(255.0), size, channels)
+
+
+def from_float(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, 3) floats in [0, 1] -> (N, channels, size, size) (bilinear resize)."""
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0.0, 1.0)

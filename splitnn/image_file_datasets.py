@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from leakbench.splitnn import datasets
-from leakbench.splitnn.disk_datasets import (as_dataset, check_caps, kept_indices, kept_total, require_files,
-                                                 to_channels)
+from leakbench.splitnn.disk_datasets import (as_dataset, check_caps, from_float, kept_indices, kept_total,
+                                                 require_files, to_channels)
 from leakbench.splitnn.errors import ParameterError, check_number
 
 CELEBA_IDENTITIES = 10177
@@ -190,10 +189,7 @@ def lfw_people(root: str, size: int = 64, channels: int = 3, min_faces_per_perso
     people = fetch_lfw_people(data_home=str(Path(root).expanduser()), min_faces_per_person=min_faces_per_person,
                               color=channels == 3, resize=None, download_if_missing=False)
     train_idx, test_idx = _fraction_split(people.target, test_fraction, split_seed)
-    x = torch.as_tensor(people.images).float()
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
-    x, y = to_channels(x, channels), torch.as_tensor(people.target).long()
+    x, y = from_float(torch.as_tensor(people.images).float(), size, channels), torch.as_tensor(people.target).long()
     params = dict(root=root, size=size, channels=channels, min_faces_per_person=min_faces_per_person,
                   test_fraction=test_fraction, split_seed=split_seed)
     return as_dataset("lfw_people", (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx]), num_classes, params)
