@@ -57,11 +57,7 @@ def is_add(node: fx.Node) -> bool:
     """``a + b`` or ``torch.add(a, b)`` / ``a.add(b)`` of two values, without a scaling ``alpha``."""
     adds = (node.op == "call_function" and node.target in (operator.add, torch.add)) or \
         (node.op == "call_method" and node.target == "add")
-    return adds and "alpha" not in node.kwargs and len(_inputs(node)) == 2
-
-
-def _inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
+    return adds and "alpha" not in node.kwargs and len(node.all_input_nodes) == 2
 
 
 def _item(client: fx.GraphModule, node: fx.Node) -> Item:
@@ -75,7 +71,7 @@ def _chain(start: fx.Node, source: fx.Node) -> tuple[list[fx.Node], fx.Node]:
     addition; each node on the way must take only the previous one and feed only the next."""
     chain, node, previous = [], start, source
     while not is_add(node):
-        if _inputs(node) != [previous]:
+        if node.all_input_nodes != [previous]:
             raise GraphError(f"unsupported op {op_name(node)} at node {node.name}: inside a residual block each op "
                              "must take only the previous value")
         if len(node.users) != 1:
@@ -137,7 +133,7 @@ def segments(client: fx.GraphModule) -> list[Segment]:
             found.append(list(pending))
             pending.clear()
         block, end = _block(client, source)
-        inside = set(n for item in block.branch + block.shortcut for n in [item[2]])
+        inside = {item[2] for item in block.branch + block.shortcut}
         between = nodes[order[source] + 1:order[end] + 1]
         strays = [n for n in between if n not in inside and not is_add(n) and n is not end]
         if strays:
