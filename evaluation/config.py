@@ -111,7 +111,10 @@ class ExperimentConfig:
         entries = [self._dataset(entry, self._key(raw, "dataset", i))  # None: a problem, in self._issues
                    for i, entry in enumerate(parsed.get("dataset", []))]
         self.train = parsed["train"].model_dump(exclude_none=True) if "train" in parsed else {}
-        self.evaluation = parsed["evaluation"].model_dump() if "evaluation" in parsed else {}
+        # batch_size enters a cell only when given, so unchunked cells keep the keys they had before it existed
+        evaluation = parsed.get("evaluation")
+        self.evaluation = {} if evaluation is None else evaluation.model_dump(
+            exclude={"batch_size"} if evaluation.batch_size is None else None)
         if self.evaluation:
             self._check_lpips()
         shapes = sorted({(d["info"].num_classes, d["info"].in_channels) for d in entries if d})

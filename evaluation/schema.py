@@ -136,6 +136,9 @@ class ZippedEntry(Entry):
 
 class Evaluation(_Strict):
     num_images: int = Field(16, ge=1, le=10_000)
+    #: Images per attack call: the attack runs on chunks of this many images, so a cell's memory is bounded
+    #: whatever ``num_images`` is; None runs all of them at once.
+    batch_size: int | None = Field(None, ge=1, le=10_000)
     classifier: bool = True
     lpips_weights: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
     lpips_net: Literal[tuple(BACKBONES)] = "alex"  # type: ignore[valid-type]
