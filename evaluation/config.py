@@ -322,7 +322,8 @@ class ExperimentConfig:
                 model = meta[(info.num_classes, info.in_channels)]
                 for cut in self.cuts:
                     need = cell_bytes(model, cut, (info.in_channels, info.size, info.size), info.num_images,
-                                      self.evaluation["num_images"], entry["train"]["batch_size"])
+                                      min(self.evaluation["num_images"], self.evaluation.get("batch_size") or
+                                          self.evaluation["num_images"]), entry["train"]["batch_size"])
                     if need > peak:
                         peak, where = need, f"{info.name} | {entry['name']} | {cut}"
         return Cost(len(self.cells()), peak, where)

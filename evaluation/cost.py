@@ -42,7 +42,8 @@ def _outputs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, int]]:
 
 def cell_bytes(model: nn.Module, cut: str, image_shape: tuple[int, int, int], dataset_images: int,
                num_images: int, batch_size: int) -> int:
-    """Estimated peak memory of one cell (``model`` on the meta device)."""
+    """Estimated peak memory of one cell (``model`` on the meta device); ``num_images``: the images an attack
+    works on at once (``evaluation.batch_size`` when the attack runs in chunks)."""
     outputs = _outputs(model, image_shape)
     names = [name for name, _ in outputs]
     last = max((i for i, name in enumerate(names) if name == cut or name.startswith(cut + ".")), default=len(names) - 1)
