@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from leakbench.splitnn.batch import per_sample
+from leakbench.splitnn.progress import progress_bar
 
 PerSampleLoss = Callable[[torch.Tensor], torch.Tensor]   # x (B, ...) -> loss (B,)
 
@@ -75,6 +76,8 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
     A sample stops once its projected gradient's largest entry is below ``gtol``, an iteration lowers its
     loss by less than ``ftol·max(|f|, 1)``, its line search finds no decrease, or it has used ``max_evals``
     evaluations (the start's included). ``deadline`` (a ``time.perf_counter()`` value) stops every sample.
+    Inside ``splitnn.progress.attack_progress(True)`` a bar counts the iterations (display only: the iterates
+    are the same with it on or off).
     """
     batch = x0.shape[0]
     x = project(x0.detach().clone(), lower, upper)
@@ -88,61 +91,63 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (s, y, 1/(s·y) or 0 where unused)
     curved = torch.zeros(batch, dtype=torch.bool)    # the sample has a curvature pair (else: gradient steps)
     timed_out = False
-    for _ in range(max_iter):
-        free = _free(x, g, lower, upper)
-        g_free = g * free
-        active &= g_free.flatten(1).abs().amax(1) > gtol
-        if max_evals is not None:
-            active &= evaluations < max_evals
-        if not active.any():
-            break
-        if _past(deadline):
-            timed_out = True
-            break
-        direction = -_two_loop(g_free, pairs) * free
-        uphill = _dot(direction, g) >= 0
-        if uphill.any():  # not a descent direction (stale curvature): steepest descent for those samples
-            direction = torch.where(per_sample(uphill, x), -g_free, direction)
-        # Without curvature yet the step is scaled to unit length, as L-BFGS-B's first step is.
-        unit = 1.0 / g_free.flatten(1).norm(dim=1).clamp_min(1e-300)
-        step = torch.where(curved & ~uphill, torch.ones_like(unit), torch.minimum(unit, torch.ones_like(unit)))
-        accepted = ~active
-        x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
-        pending = active.clone()
-        for _ in range(max_backtracks):
+    with progress_bar(max_iter, "L-BFGS", unit="iter") as bar:
+        for _ in range(max_iter):
+            free = _free(x, g, lower, upper)
+            g_free = g * free
+            active &= g_free.flatten(1).abs().amax(1) > gtol
             if max_evals is not None:
-                pending &= evaluations < max_evals
-            if not pending.any():
+                active &= evaluations < max_evals
+            if not active.any():
                 break
             if _past(deadline):
                 timed_out = True
                 break
-            trial = project(x + per_sample(step, x) * direction, lower, upper)
-            f_trial, g_trial = _value_and_grad(loss, trial)
-            evaluations += pending.long()
-            ok = pending & (f_trial <= f + 1e-4 * _dot(g, trial - x)) & torch.isfinite(f_trial)
-            mask = per_sample(ok, x)
-            x_new = torch.where(mask, trial, x_new)
-            g_new = torch.where(mask, g_trial, g_new)
-            f_new = torch.where(ok, f_trial, f_new)
-            accepted |= ok
-            pending &= ~ok
-            step = torch.where(pending, step * 0.5, step)
-        active &= accepted  # no decrease along the direction (or no budget left): this sample is done
-        iterations += active.long()
-        s, y = x_new - x, g_new - g
-        sy = _dot(s, y)
-        usable = active & (sy > 1e-10 * _dot(y, y).clamp_min(1e-300))
-        if usable.any():
-            pairs.append((s, y, torch.where(usable, 1.0 / sy.where(usable, torch.ones_like(sy)),
-                                            torch.zeros_like(sy))))
-            pairs = pairs[-history:]
-            curved |= usable
-        small_decrease = (f - f_new) <= ftol * torch.maximum(f.abs(), torch.ones_like(f))
-        x, f, g = x_new, f_new, g_new
-        active &= ~small_decrease
-        if timed_out:
-            break
+            direction = -_two_loop(g_free, pairs) * free
+            uphill = _dot(direction, g) >= 0
+            if uphill.any():  # not a descent direction (stale curvature): steepest descent for those samples
+                direction = torch.where(per_sample(uphill, x), -g_free, direction)
+            # Without curvature yet the step is scaled to unit length, as L-BFGS-B's first step is.
+            unit = 1.0 / g_free.flatten(1).norm(dim=1).clamp_min(1e-300)
+            step = torch.where(curved & ~uphill, torch.ones_like(unit), torch.minimum(unit, torch.ones_like(unit)))
+            accepted = ~active
+            x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
+            pending = active.clone()
+            for _ in range(max_backtracks):
+                if max_evals is not None:
+                    pending &= evaluations < max_evals
+                if not pending.any():
+                    break
+                if _past(deadline):
+                    timed_out = True
+                    break
+                trial = project(x + per_sample(step, x) * direction, lower, upper)
+                f_trial, g_trial = _value_and_grad(loss, trial)
+                evaluations += pending.long()
+                ok = pending & (f_trial <= f + 1e-4 * _dot(g, trial - x)) & torch.isfinite(f_trial)
+                mask = per_sample(ok, x)
+                x_new = torch.where(mask, trial, x_new)
+                g_new = torch.where(mask, g_trial, g_new)
+                f_new = torch.where(ok, f_trial, f_new)
+                accepted |= ok
+                pending &= ~ok
+                step = torch.where(pending, step * 0.5, step)
+            active &= accepted  # no decrease along the direction (or no budget left): this sample is done
+            iterations += active.long()
+            s, y = x_new - x, g_new - g
+            sy = _dot(s, y)
+            usable = active & (sy > 1e-10 * _dot(y, y).clamp_min(1e-300))
+            if usable.any():
+                pairs.append((s, y, torch.where(usable, 1.0 / sy.where(usable, torch.ones_like(sy)),
+                                                torch.zeros_like(sy))))
+                pairs = pairs[-history:]
+                curved |= usable
+            small_decrease = (f - f_new) <= ftol * torch.maximum(f.abs(), torch.ones_like(f))
+            x, f, g = x_new, f_new, g_new
+            active &= ~small_decrease
+            bar.update()
+            if timed_out:
+                break
     return BoxResult(x, iterations, evaluations, timed_out)
 
 
