@@ -118,6 +118,8 @@ class ExperimentConfig:
         if self.evaluation:
             self._check_lpips()
         shapes = sorted({(d["info"].num_classes, d["info"].in_channels) for d in entries if d})
+        if evaluation is not None and isinstance(evaluation.classifier, schema.ModelEntry):
+            self._classifier(evaluation.classifier, shapes)
         self._meta_models: list[dict[tuple[int, int], Any]] = []  # per model entry: (classes, channels) -> model
         self.models = [self._model(entry, self._key(raw, "model", i), shapes)
                        for i, entry in enumerate(parsed.get("model", []))]
@@ -248,6 +250,53 @@ class ExperimentConfig:
                     where = f"cut[{i}]" if isinstance(self.raw.get("cut"), list) else "cut"
                     self._issue(where, cut, f"a module after which {name} can be cut: " + ", ".join(cuts))
         return resolved
+
+    def _classifier(self, entry: schema.ModelEntry, shapes: list[tuple[int, int]]) -> None:
+        """The user's evaluation classifier, checked as a model entry is (its factory, params and weights, on the
+        meta device for each dataset shape), and also: weights are required (it is loaded, never trained), it
+        has the dataset's classes, and a last nn.Linear whose input is its embedding. The cell records its name,
+        params and the weights file with its digest, so another judge is another cell."""
+        import torch
+
+        from leakbench.evaluation.eval_classifier import last_linear
+
+        key = "evaluation.classifier"
+        name = cast(str, entry.name)  # the schema sets it from torchvision or factory when not given
+        resolved: dict[str, Any] = {"name": name, "params": dict(entry.params)}
+        self.evaluation["classifier"] = resolved
+        if "train" in entry.model_fields_set:
+            self._issue(f"{key}.train", self.raw["evaluation"]["classifier"].get("train"),
+                        "no train: the user's classifier is loaded from its weights, never trained")
+        if entry.weights is None:
+            self._issue(f"{key}.weights", None, "the classifier's state-dict file: the user's classifier is "
+                                                "loaded from its weights, never trained")
+        factory = self._factory(zoo.factory, name, key, entry.name_key)
+        given_by_data = frozenset(k for k in ("num_classes", "in_channels") if k not in entry.params)
+        if factory is None or not self._params(factory, entry.params, key, exclude=given_by_data):
+            return
+        for num_classes, in_channels in shapes:
+            classes = entry.params.get("num_classes", num_classes)
+            if classes != num_classes:
+                where = "num_classes" if entry.num_classes is not None else "params.num_classes"
+                self._issue(f"{key}.{where}", classes, f"the dataset's {num_classes} classes (the judge labels "
+                                                       "the dataset's images)")
+                return
+            with torch.device("meta"):
+                model = self._build(zoo.get, name, {"num_classes": num_classes, "in_channels": in_channels,
+                                                    **entry.params}, key)
+            if model is None:
+                return
+            try:
+                head = last_linear(model)
+            except TypeError as exc:
+                self._issue(f"{key}.{entry.name_key}", name, f"a classifier with a last nn.Linear ({exc})")
+                return
+            if head.out_features != num_classes:
+                self._issue(f"{key}.{entry.name_key}", name, f"a classifier whose last nn.Linear gives the "
+                            f"dataset's {num_classes} classes; it gives {head.out_features}")
+                return
+            if entry.weights is None or not self._weights(model, entry.weights, key, resolved):
+                return
 
     def _check_weights_untrained(self, raw: dict[str, Any]) -> None:
         """A model loaded from the user's weights is not trained, so no training defense can shape it."""

@@ -7,6 +7,11 @@ Its architecture, seed and recipe are fixed (``EVALUATION_ARCHITECTURE``, ``EVAL
 the same judge and their attack accuracy and KNN distance are comparable. A target that is itself a
 ResNet-32 is judged by a ResNet-32 too, but never by itself: the judge's seed (1000) is not a target seed.
 It is trained through ``splitnn.train``, so the checkpoint cache keeps it like any target model.
+
+The user may bring their own judge instead (``evaluation: {classifier: {factory: ..., weights: FILE}}``, e.g. a
+face-identity network for identity-level attack accuracy): ``load_evaluation_classifier`` loads it through the
+same path as a target model with the user's weights (``splitnn.train`` with ``TrainConfig.weights``: checked,
+never trained), and its embedding is likewise the input of its last ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -31,8 +36,8 @@ EVALUATION_RECIPE: dict[str, Any] = {"epochs": 10, "lr": 0.05, "batch_size": 64,
 #: Per-image metrics of ``EvaluationClassifier.classifier_metrics``, and whether higher means more leakage.
 CLASSIFIER_METRICS: dict[str, bool] = {k: IMAGE_METRICS[k] for k in ("attack_top1", "attack_top5", "knn_distance")}
 
-__all__ = ["EvaluationClassifier", "get_evaluation_classifier", "weights_digest", "CLASSIFIER_METRICS",
-           "EVALUATION_ARCHITECTURE", "EVALUATION_RECIPE", "EVALUATION_SEED"]
+__all__ = ["EvaluationClassifier", "get_evaluation_classifier", "load_evaluation_classifier", "weights_digest",
+           "last_linear", "CLASSIFIER_METRICS", "EVALUATION_ARCHITECTURE", "EVALUATION_RECIPE", "EVALUATION_SEED"]
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -46,7 +51,8 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The classifier's head: its last ``nn.Linear``, whose input is the judge's embedding."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise TypeError(f"{type(model).__name__} has no nn.Linear head whose input could serve as the embedding")
@@ -57,7 +63,8 @@ class EvaluationClassifier:
     """A trained classifier with its penultimate embedding and the training set's embeddings per class."""
 
     def __init__(self, model: nn.Module, data: Dataset, batch_size: int = 256, test_accuracy: float | None = None,
-                 architecture: str = "model", seed: int | None = None, checkpoint: str | None = None):
+                 architecture: str = "model", seed: int | None = None, checkpoint: str | None = None,
+                 weights_file: dict[str, Any] | None = None):
         self.model = model.eval()
         self.num_classes = data.num_classes
         self.batch_size = check_number("batch_size", batch_size, low=1, integer=True)
@@ -66,16 +73,19 @@ class EvaluationClassifier:
         self.seed = seed
         #: The name of its checkpoint in the cache (from ``TrainConfig.key()``), when it came from ``train``.
         self.checkpoint = checkpoint
+        #: The user's weights file, ``{"file": path, "sha256": digest}``, when the judge came from one.
+        self.weights_file = weights_file
         self.weights = weights_digest(model)
-        self._head = _last_linear(model)
+        self._head = last_linear(model)
         # Computed once: every reconstruction of every cell is compared with the same training embeddings.
         self._train_embeddings = self.embed(data.x_train)
         self._train_labels = data.y_train.clone()
 
     @property
     def identity(self) -> str:
-        """Names the judge in a row, e.g. ``"resnet32 seed 1000 weights 3f9c..."``: rows with equal
-        identities were scored by the same weights."""
+        """Names the judge in a row, e.g. ``"resnet32 seed 1000 weights 3f9c..."`` (the user's judge:
+        ``"torchvision:resnet18(num_classes=5) weights 81a0..."``): rows with equal identities were scored by the
+        same weights."""
         seed = "" if self.seed is None else f" seed {self.seed}"
         return f"{self.architecture}{seed} weights {self.weights}"
 
@@ -138,3 +148,16 @@ def get_evaluation_classifier(data: Dataset, cache_dir: str | None = None, progr
     return EvaluationClassifier(trained.model, data, test_accuracy=trained.test_accuracy,
                                 architecture=model, seed=EVALUATION_SEED,
                                 checkpoint=trained.path.stem if trained.path is not None else config.key())
+
+
+def load_evaluation_classifier(data: Dataset, judge: dict[str, Any]) -> EvaluationClassifier:
+    """The user's evaluation classifier for ``data``: ``judge`` is the cell's resolved entry (``{"name", "params",
+    "weights": {"file", "sha256"}}``, checked by the config), built and loaded from its weights, never trained;
+    a weights file changed since validation raises ParameterError."""
+    params = dict(judge["params"])
+    config = TrainConfig(model=judge["name"], dataset=data.name, model_params=params,
+                         dataset_params=dict(data.params), seed=EVALUATION_SEED, weights=dict(judge["weights"]))
+    loaded = train(config, data=data, progress=False)
+    label = f"{judge['name']}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else judge["name"]
+    return EvaluationClassifier(loaded.model, data, test_accuracy=loaded.test_accuracy, architecture=label,
+                                weights_file=dict(judge["weights"]))

@@ -1,7 +1,9 @@
 """The metrics beyond pixels that a cell's ``evaluation:`` asks for: the evaluation classifier's (attack
 accuracy, KNN distance) and LPIPS. Each judge is built once per process and shared by the cells that need
 the same one, like trained models in the Matrix. The classifier depends on the dataset alone, so every row
-of a table on one dataset is scored by the same judge, which the row names."""
+of a table on one dataset is scored by the same judge, which the row names. The user's own judge
+(``evaluation.classifier``, a model entry with weights) is loaded, never trained, and is part of what
+identifies the classifier."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,7 +11,8 @@ from typing import Any
 import torch
 
 from leakbench.evaluation.config import Cell
-from leakbench.evaluation.eval_classifier import EvaluationClassifier, get_evaluation_classifier
+from leakbench.evaluation.eval_classifier import (EvaluationClassifier, get_evaluation_classifier,
+                                                  load_evaluation_classifier)
 from leakbench.evaluation.perceptual import LPIPS, LPIPS_UNAVAILABLE
 from leakbench.splitnn.datasets import Dataset
 from leakbench.splitnn.training import config_hash
@@ -27,14 +30,22 @@ class Evaluators:
     @classmethod
     def classifier_key(cls, cell: Cell) -> str:
         """Cells with equal keys share one evaluation classifier: those on the same dataset (name and
-        parameters), whatever their target, training recipe, cut, defense or attack."""
+        parameters) and with the same judge, whatever their target, training recipe, cut, defense or attack. The
+        fixed judge's key is the dataset's alone (as before the user's judges); the user's adds its entry, whose
+        weights digest tells two judges apart."""
+        judge = cell["evaluation"]["classifier"]
+        if isinstance(judge, dict):
+            return config_hash({"dataset": cell["dataset"], "classifier": judge})
         return config_hash({"dataset": cell["dataset"]})
 
     def classifier(self, cell: Cell, data: Dataset) -> EvaluationClassifier:
-        """The evaluation classifier of the cell's dataset ``data`` (trained now or loaded from the cache)."""
+        """The evaluation classifier of the cell's dataset ``data``: the fixed one (trained now or loaded from
+        the cache), or the user's (loaded from its weights)."""
         key = self.classifier_key(cell)
+        judge = cell["evaluation"]["classifier"]
         if key not in self._classifiers:
-            self._classifiers[key] = get_evaluation_classifier(data, self.cache_dir, self.progress)
+            self._classifiers[key] = (load_evaluation_classifier(data, judge) if isinstance(judge, dict) else
+                                      get_evaluation_classifier(data, self.cache_dir, self.progress))
         return self._classifiers[key]
 
     def lpips(self, weights: str, net: str) -> LPIPS:
@@ -59,6 +70,8 @@ class Evaluators:
             note["evaluator_test_accuracy"] = judge.test_accuracy
             note["classifier"] = {"model": judge.architecture, "seed": judge.seed, "checkpoint": judge.checkpoint,
                                   "weights": judge.weights, "test_accuracy": judge.test_accuracy}
+            if judge.weights_file is not None:
+                note["classifier"]["weights_file"] = judge.weights_file
         else:
             note["unavailable"]["attack_top1"] = "evaluation.classifier is false"
         if ev["lpips_weights"]:

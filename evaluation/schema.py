@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import (BaseModel, BeforeValidator, Field, StringConstraints, TypeAdapter,
+from pydantic import (BaseModel, BeforeValidator, Field, InstanceOf, StringConstraints, TypeAdapter,
                       ValidationError, model_validator)
 from pydantic_core import ErrorDetails
 
@@ -134,12 +134,27 @@ class ZippedEntry(Entry):
                  {p: f"zip.{p}[{i}]" for p in self.zip}) for i in range(length)]
 
 
+def _judge(value: Any) -> Any:
+    """``true`` / ``false`` (the fixed judge, or none), or the user's own judge as a mapping: a ``ModelEntry``,
+    validated here so that its errors name their keys (``evaluation.classifier.weights``) rather than a branch
+    of the union (which then checks only that it is one)."""
+    if isinstance(value, dict):
+        return ModelEntry.model_validate(value)
+    if isinstance(value, (bool, ModelEntry)):
+        return value
+    raise ValueError("true, false, or the user's classifier as a mapping: {torchvision: ARCH} or "
+                     "{factory: package.module:function}, with weights: FILE")
+
+
 class Evaluation(_Strict):
     num_images: int = Field(16, ge=1, le=10_000)
     #: Images per attack call: the attack runs on chunks of this many images, so a cell's memory is bounded
     #: whatever ``num_images`` is; None runs all of them at once.
     batch_size: int | None = Field(None, ge=1, le=10_000)
-    classifier: bool = True
+    #: The judge of attack accuracy and KNN distance: ``true``, the fixed ResNet-32 trained here
+    #: (``evaluation.eval_classifier``); ``false``, none; or the user's own (e.g. a face-identity network), a model
+    #: entry with ``weights``, loaded and never trained (the config checks it: ``ExperimentConfig._classifier``).
+    classifier: Annotated[bool | InstanceOf[ModelEntry], BeforeValidator(_judge)] = True
     lpips_weights: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
     lpips_net: Literal[tuple(BACKBONES)] = "alex"  # type: ignore[valid-type]
 
