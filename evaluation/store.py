@@ -36,6 +36,7 @@ from leakbench.evaluation.store_schema import (IO_CODES, SCHEMA_VERSION, SQLITE_
                                      columns, error_code, migrate, needs_migration, open_read_only, stored_version)
 from leakbench.splitnn.faults import write_failure
 from leakbench.splitnn.fingerprint import code_fingerprint
+from leakbench.splitnn.user_models import factory_module
 
 IDENTITY_COLUMNS = ["dataset", "model", "cut", "defense", "defense_params", "attack", "attack_params", "seed"]
 
@@ -47,14 +48,23 @@ ROW_MODULES = tuple(f"leakbench.{m}" for m in (
 
 def row_fingerprint(config: dict[str, Any]) -> str | None:
     """The fingerprint the installed code gives a cell config: its attack's and defense's modules and
-    ``ROW_MODULES``, with their imports and the package versions. None when the attack or defense is no
-    longer registered (its rows can only be stale)."""
+    ``ROW_MODULES``, with their imports and the package versions, and the module of the user's factory when its
+    model or evaluation classifier is one (``package.module:function``: editing it makes its rows stale; zoo and
+    torchvision cells keep the fingerprint they had before). None when the attack or defense is no longer
+    registered (its rows can only be stale)."""
     try:
         attack = attacks.attack_class(config["attack"]["name"])
         defense = defenses.defense_class(config["defense"]["name"])
     except (KeyError, TypeError, ValueError):
         return None
-    return code_fingerprint(attack.__module__, defense.__module__, *ROW_MODULES)
+    return code_fingerprint(attack.__module__, defense.__module__, *ROW_MODULES, *user_modules(config))
+
+
+def user_modules(config: dict[str, Any]) -> list[str]:
+    """The modules of the user's factories a cell config names: its model's and its evaluation classifier's."""
+    judge = config.get("evaluation", {}).get("classifier")
+    names = [config.get("model", {}).get("name"), judge.get("name") if isinstance(judge, dict) else None]
+    return [module for name in names if isinstance(name, str) and (module := factory_module(name)) is not None]
 
 
 def mark_current(cells: pd.DataFrame) -> pd.DataFrame:

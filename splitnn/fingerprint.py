@@ -5,12 +5,16 @@ A module's dependencies are found statically (``ast``): its imports of the proje
 transitively. An import that names a package counts its ``__init__.py`` text but not the ``__init__``'s own
 imports (the registries import every plug-in, which would make every artefact depend on every file); a name
 imported from a package is followed to the module the ``__init__`` takes it from.
+
+A module outside the project may be named too (the user's model factory): its own file counts, found where it is
+loaded or, without importing it, by ``importlib.util.find_spec``; its imports are not followed.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import sys
 from functools import lru_cache
@@ -102,7 +106,8 @@ class _Walk:
 
     def _locate(self, name: str) -> tuple[Path, bool] | None:
         """The file of module ``name`` and whether it is a package; outside the project, the loaded module's
-        file (e.g. a plug-in defined in a test)."""
+        file (e.g. a plug-in defined in a test) or, when it is not loaded, the file the import system would load
+        (``find_spec``: a module is not run, though a dotted name's parents are imported)."""
         if self._project(name):
             base = self.root.joinpath(*self._folders(name))
             if (base / "__init__.py").is_file():
@@ -111,8 +116,16 @@ class _Walk:
                 return base.with_suffix(".py"), False
             return None
         loaded = sys.modules.get(name)
-        path = getattr(loaded, "__file__", None)
-        return (Path(path), hasattr(loaded, "__path__")) if path and Path(path).is_file() else None
+        if loaded is not None:
+            path = getattr(loaded, "__file__", None)
+            return (Path(path), hasattr(loaded, "__path__")) if path and Path(path).is_file() else None
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a parent that is missing or fails to import, an empty name
+            return None
+        path = spec.origin if spec is not None and spec.has_location else None
+        return (Path(path), spec.submodule_search_locations is not None) \
+            if spec is not None and path and Path(path).is_file() else None
 
     def _read(self, name: str) -> None:
         if name in self.texts:

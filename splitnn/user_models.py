@@ -27,6 +27,14 @@ def is_user_model(name: str) -> bool:
     return ":" in name
 
 
+def factory_module(name: str) -> str | None:
+    """The module of the user's factory ``package.module:function`` (its code is the user's, so it enters the
+    fingerprint of the rows it computes); None for a zoo entry or a torchvision architecture."""
+    if not is_user_model(name) or name.startswith(TORCHVISION):
+        return None
+    return name.partition(":")[0] or None
+
+
 def factory(name: str) -> Callable[..., nn.Module]:
     """The builder of ``name``: called with the model's params and ``num_classes`` / ``in_channels``."""
     if name.startswith(TORCHVISION):
