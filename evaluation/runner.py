@@ -8,7 +8,6 @@ store writes it, one transaction per finished cell, as results arrive.
 from __future__ import annotations
 
 import math
-import resource
 import time
 import traceback
 from collections import Counter
@@ -20,11 +19,12 @@ import torch
 from leakbench import attacks, defenses
 from leakbench.attacks.base import BUDGET_KEYS, Reconstruction
 from leakbench.attacks.peel import stage_input_errors
-from leakbench.evaluation import provenance
+from leakbench.evaluation import chunks, provenance
 from leakbench.evaluation.attack_context import attack_cache_key, attack_context, denied
 from leakbench.evaluation.config import Cell, ExperimentConfig
 from leakbench.evaluation.evaluators import Evaluators
 from leakbench.evaluation.image_sets import attacked_indices
+from leakbench.evaluation.memory import PeakMemory
 from leakbench.evaluation.metrics import accuracy, image_metrics, summarize, worst_case
 from leakbench.evaluation.store import ResultStore, row_fingerprint
 from leakbench.splitnn import datasets, devices
@@ -32,6 +32,7 @@ from leakbench.splitnn.datasets import Dataset
 from leakbench.splitnn.errors import ParameterError
 from leakbench.splitnn.faults import WriteFailure
 from leakbench.splitnn.model import SplitModel
+from leakbench.splitnn.progress import attack_progress
 from leakbench.splitnn.split import split
 from leakbench.splitnn.training import TrainedModel, config_hash, train
 
@@ -247,18 +248,25 @@ class Matrix:
     def compute_cell(self, cell: Cell) -> CellResult:
         """Compute one cell without touching any store. Never raises for a failure inside the cell: it
         comes back as a ``failed`` result carrying the error and its traceback. A WriteFailure (e.g. a full disk
-        under the checkpoint cache) is raised: the run stops there, keeping the cells stored before."""
+        under the checkpoint cache) is raised: the run stops there, keeping the cells stored before.
+
+        ``peak_rss_mb`` is this cell's peak resident memory (``evaluation.memory.PeakMemory``, not the process's
+        lifetime mark), with the extra columns ``peak_rss_rise_mb`` (that peak over the resident size at the
+        cell's start) and, on CUDA, ``peak_cuda_mb``."""
         before = Counter(self.cache_stats)
         start = time.perf_counter()
-        try:
-            fields = self._compute(cell)
-            status = fields.pop("status")
-        except WriteFailure:  # a full disk or read-only cache: every later cell would meet it too
-            raise
-        except Exception as exc:  # one failing cell must not stop the others
-            status = "failed"
-            fields = {"reason": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"}
-        fields.update(wall_time_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
+        with PeakMemory() as memory:
+            try:
+                fields = self._compute(cell)
+                status = fields.pop("status")
+            except WriteFailure:  # a full disk or read-only cache: every later cell would meet it too
+                raise
+            except Exception as exc:  # one failing cell must not stop the others
+                status = "failed"
+                fields = {"reason": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"}
+        fields.update(wall_time_s=time.perf_counter() - start, peak_rss_mb=memory.peak_rss_mb)
+        fields["extra"] = {**fields.get("extra", {}), "peak_rss_rise_mb": memory.rise_mb,
+                           **({"peak_cuda_mb": memory.peak_cuda_mb} if memory.peak_cuda_mb is not None else {})}
         used = Counter(self.cache_stats)
         used.subtract(before)
         return CellResult(cell.key, cell.config, status, fields, +used)
@@ -289,7 +297,9 @@ class Matrix:
                                  cache_dir=self.cache_dir, cache_key=attack_cache_key(
                                      attack, defense, cell["defense"],
                                      {"model": trained.config.key(), "cut": cell["cut"], "seed": seed}))
-        recon = attack.reconstruct(client, shared.features, context=context)
+        with attack_progress(self.progress):  # bars inside the attack (splitnn.progress) and over its chunks
+            recon = chunks.reconstruct(attack, client, shared.features, context,
+                                       batch_size=cell["evaluation"].get("batch_size"), seed=seed)
         if not torch.isfinite(recon.images).all():
             raise NonFiniteReconstruction(f"{attack.name} returned NaN or infinite reconstructions")
         per_image = image_metrics(recon.images, shared.truth)
@@ -320,8 +330,3 @@ def scored_against_truth(client: torch.nn.Module, image_shape: tuple[int, int, i
     if "blockwise" in recon.alternatives:
         out["blockwise_mse"] = float((recon.alternatives["blockwise"].double() - truth.double()).pow(2).mean())
     return out
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
