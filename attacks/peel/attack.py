@@ -20,6 +20,7 @@ from leakbench.attacks.priors import tv_prior
 from leakbench.attacks.registry import register
 from leakbench.splitnn.errors import ParameterError
 from leakbench.splitnn.params import Count, NonNegative, Seconds
+from leakbench.splitnn.progress import progress_bar
 
 
 def stage_bounds(stages: list[Stage], index: int) -> tuple[float | None, float | None]:
@@ -113,11 +114,13 @@ class PEEL(Attack):
         diagnostics: list[dict[str, Any]] = [{} for _ in stages]
         recovered: list[torch.Tensor] = [observed] * len(stages)
         target = observed
-        for index in reversed(range(len(stages))):
-            lower, upper = stage_bounds(stages, index)
-            target, diagnostics[index] = self._invert(stages[index], target, lower, upper, reading,
-                                                      at_cut=index == len(stages) - 1)
-            recovered[index] = target
+        with progress_bar(len(stages), "PEEL stages", unit="stage") as bar:
+            for index in reversed(range(len(stages))):
+                lower, upper = stage_bounds(stages, index)
+                target, diagnostics[index] = self._invert(stages[index], target, lower, upper, reading,
+                                                          at_cut=index == len(stages) - 1)
+                recovered[index] = target
+                bar.update()
         return recovered, diagnostics
 
     def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:

@@ -330,3 +330,28 @@ def test_budget_parameters_are_validated_and_the_time_cap_is_kept(monkeypatch):
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.01)
     rec = PEEL(refine_iter=10 ** 5, max_seconds=1.0).reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
     assert rec.diagnostics["budget"]["seconds"] <= 1.1 and rec.diagnostics["budget"]["end_to_end_evaluations"] < 100
+
+
+def test_peel_ticks_a_bar_per_stage_only_when_progress_is_on(monkeypatch):
+    """The block-wise stage shows one tick per stage inside attack_progress(True), nothing outside it."""
+    import io
+
+    import tqdm.auto
+
+    from leakbench.splitnn.progress import attack_progress
+
+    out, bars = io.StringIO(), []
+    real = tqdm.auto.tqdm
+    monkeypatch.setattr("leakbench.splitnn.progress.tqdm",
+                        lambda *a, **k: bars.append(real(*a, file=out, **k)) or bars[-1])
+    client, _ = split(zoo.get("resnet20", norm="none", post_relu=False).eval(), "layer1.0")
+    with torch.no_grad():
+        features = client(torch.rand(1, 3, 8, 8))
+    peel = attacks.get("peel", refine=False)
+    peel.reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
+    assert out.getvalue() == ""
+    with attack_progress(True):
+        peel.reconstruct(client, features, AttackContext(image_shape=(3, 8, 8)))
+    assert "PEEL stages" in out.getvalue()
+    shown = [bar for bar in bars if getattr(bar, "desc", None) == "PEEL stages"]  # a hidden bar has no desc
+    assert [bar.n for bar in shown] == [2]  # one tick per stage of the client's two (stem, block)
