@@ -1,8 +1,10 @@
 """An attack in chunks (``evaluation.batch_size``): the attacked images in chunks of ``batch_size``, one
 ``reconstruct`` call each, and the chunks' Reconstructions merged into the cell's one.
 
-Every attack solves each sample as if alone (the contract suite checks it), so chunking changes how much memory
-a call holds, not what it returns: a chunked cell's images equal the unchunked ones up to float reordering.
+For an attack that solves each sample as if alone (the contract suite checks every class that claims it), chunking
+changes how much memory a call holds, not what it returns: the images equal the unchunked ones up to float
+reordering. An attack whose samples interact (one that estimated something from the whole batch) gets what it
+would see on each chunk alone.
 
 Determinism. Before chunk ``i`` the global RNG is seeded with ``chunk_seed(seed, i)``: chunk 0 gets the cell's
 seed itself (exactly what an unchunked call sees), later chunks a hash of (seed, i). A row then depends only on
