@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,8 @@ from leakbench.splitnn.errors import ParameterError
 from leakbench.splitnn.faults import WriteFailure
 
 EXIT_CONFIG_ERROR = 2
+#: Exit status when stdout was closed by its reader, as a shell reports a process ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -205,11 +209,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "run" else ""
         print(f"leakbench: cannot write {exc.filename}: {exc.strerror}{kept}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except BrokenPipeError:  # the reader closed stdout (`leakbench validate x.yaml | head`): no config error
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         where = getattr(exc, "filename", "") or getattr(args, "config", "")
         print(f"leakbench: cannot read {where}: {exc.strerror or exc}",
               file=sys.stderr)
         return EXIT_CONFIG_ERROR
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail a second time on the closed pipe."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # not a real file (a test's)
+        pass
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from torch import nn
 
 #: A grid larger than this is refused unless forced (a typo in a list is the usual cause).
 MAX_CELLS = 10_000
-#: Python, torch, the libraries and the evaluation classifier: the 36 cells of peel_vs_rmle_small peaked at
-#: 1,486 MB resident (peak_rss_mb), which this estimate puts at 1.33 GiB.
+#: Python, torch, the libraries and the evaluation classifier: the process running the 36 cells of
+#: peel_vs_rmle_small peaked at 1,486 MB resident over its lifetime, which this estimate puts at 1.33 GiB.
 BASELINE_BYTES = 2 ** 30
 
 

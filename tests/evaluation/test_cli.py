@@ -32,3 +32,17 @@ def test_validate_lists_the_cells(tiny_config, capsys):
     assert main(["validate", str(tiny_config)]) == 0
     out = capsys.readouterr().out
     assert "2 cells" in out and "gaussian_noise" in out
+
+
+def test_a_reader_that_closes_stdout_is_not_reported_as_a_config_error(tiny_config, capsys, monkeypatch):
+    """`leakbench validate x.yaml | head -1`: the closed pipe ends the command quietly with 141 (as SIGPIPE)."""
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["validate", str(tiny_config)]) == 141
+    assert "cannot read" not in capsys.readouterr().err
