@@ -62,6 +62,20 @@ def test_stages_reproduce_the_client_with_batchnorm_folded():
     assert stages[4].shortcut_kind == "conv" and stages[1].shortcut_kind == "identity"  # layer2.0 downsamples
 
 
+@pytest.mark.parametrize("name, size", [("resnet18", 224), ("resnet50", 224), ("ir50", 112)])
+def test_the_zoo_imagenet_and_face_backbones_split_into_stages_at_full_size(name, size):
+    """The ImageNet-stem ResNets at 224x224 and IR-50 at 112x112: PEEL supports the cut after layer1 and its
+    stages (BatchNorm folded) reproduce the client's features."""
+    model = zoo.get(name, num_classes=10).eval()
+    randomise_batchnorm(model)
+    client, _ = split(model, "layer1")
+    assert PEEL().supports(client) == (True, "")
+    stages = extract_stages(client, (3, size, size), torch.float32)
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        assert _rel(chain(stages)(x), client(x)) < 1e-4
+
+
 def test_peel_inverts_an_authors_setting_client_to_the_image():
     model = zoo.get("resnet20", norm="none", post_relu=False).eval()
     client, _ = split(model, "layer1.1")
