@@ -81,15 +81,16 @@ def minimize_box(loss: PerSampleLoss, x0: torch.Tensor, *, lower: float | None =
     """
     batch = x0.shape[0]
     x = project(x0.detach().clone(), lower, upper)
-    evaluations = torch.zeros(batch, dtype=torch.long)
-    iterations = torch.zeros(batch, dtype=torch.long)
+    evaluations = torch.zeros(batch, dtype=torch.long, device=x0.device)
+    iterations = torch.zeros(batch, dtype=torch.long, device=x0.device)
     if max_iter <= 0 or (max_evals is not None and max_evals <= 0) or _past(deadline):
         return BoxResult(x, iterations, evaluations, _past(deadline))
     f, g = _value_and_grad(loss, x)
     evaluations += 1
-    active = torch.ones(batch, dtype=torch.bool)
+    active = torch.ones(batch, dtype=torch.bool, device=x0.device)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (s, y, 1/(s·y) or 0 where unused)
-    curved = torch.zeros(batch, dtype=torch.bool)    # the sample has a curvature pair (else: gradient steps)
+    # the sample has a curvature pair (else: gradient steps)
+    curved = torch.zeros(batch, dtype=torch.bool, device=x0.device)
     timed_out = False
     with progress_bar(max_iter, "L-BFGS", unit="iter") as bar:
         for _ in range(max_iter):
@@ -166,8 +167,8 @@ def _two_loop(grad: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, 
         q = q - per_sample(alpha, q) * y
         alphas.append(alpha)
     # Initial scaling s·y / y·y from the newest pair each sample has.
-    gamma = torch.ones(grad.shape[0], dtype=grad.dtype)
-    found = torch.zeros(grad.shape[0], dtype=torch.bool)
+    gamma = torch.ones(grad.shape[0], dtype=grad.dtype, device=grad.device)
+    found = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
     for s, y, rho in reversed(pairs):
         take = ~found & (rho > 0)
         gamma = torch.where(take, 1.0 / (rho * _dot(y, y)).where(take, torch.ones_like(rho)), gamma)

@@ -93,9 +93,10 @@ class InverseNet(Attack):
         shape = context.require("image_shape", by=self)
         (aux_images, _labels), query = context.require("auxiliary", "query", by=self)
         start = time.perf_counter()
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.device("cpu"):  # initialised on the CPU: the same on every device
             torch.manual_seed(self.seed)
             decoder = Decoder(tuple(features.shape[1:]), shape, self.hidden)
+        decoder = decoder.to(features.device)
         losses: list[float] = []
         key = None if context.cache_key is None else {
             "attack": self.name, **self.params, "context": context.cache_key, "features": list(features.shape[1:])}
@@ -104,7 +105,8 @@ class InverseNet(Attack):
         with torch.no_grad():
             images = decoder.eval()(features.float()).to(features.dtype)
         seconds = time.perf_counter() - start
-        none = torch.zeros(len(features), dtype=torch.long)  # no fit through the client: its cost is training
+        # no fit through the client: its cost is training
+        none = torch.zeros(len(features), dtype=torch.long, device=features.device)
         return Reconstruction(images, {"from_cache": from_cache, "train_losses": losses,
                                        "auxiliary_images": len(aux_images), "seconds": seconds,
                                        "budget": budget(seconds, none, none)})

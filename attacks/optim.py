@@ -122,5 +122,5 @@ def fit_from_starts(forward: Forward, target: torch.Tensor, starts: dict[str, to
     with torch.no_grad():
         scores = {k: score(fits[k].x) for k in names}
     choice = torch.stack([scores[k] for k in names]).argmin(0)
-    x = torch.stack([fits[k].x for k in names])[choice, torch.arange(len(choice))]
+    x = torch.stack([fits[k].x for k in names])[choice, torch.arange(len(choice), device=choice.device)]
     return MultiStartFit(x, [names[i] for i in choice.tolist()], fits, scores)

@@ -49,11 +49,12 @@ def start_image(kind: str, index: int, features: torch.Tensor, shape: tuple[int,
     """The batch of start images of one kind (``index``: which start it is, so repeated uniforms differ)."""
     n = features.shape[0]
     if kind == "grey":
-        return torch.full((n, *shape), 0.5, dtype=dtype)
+        return torch.full((n, *shape), 0.5, dtype=dtype, device=features.device)
     if kind == "zeros":
-        return torch.zeros((n, *shape), dtype=dtype)
-    return torch.stack([torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(
-        sample_seed(features[b], seed, index))) for b in range(n)])
+        return torch.zeros((n, *shape), dtype=dtype, device=features.device)
+    # drawn on the CPU, so a seed gives the same start on every device
+    return torch.stack([torch.rand(shape, dtype=dtype, device="cpu", generator=torch.Generator().manual_seed(
+        sample_seed(features[b], seed, index))) for b in range(n)]).to(features.device)
 
 
 @register("rmle")

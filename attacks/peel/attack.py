@@ -151,10 +151,10 @@ class PEEL(Attack):
                 diagnostics["refine_objectives"] = {k: float(v.mean()) for k, v in fit.scores.items()}
             diagnostics["iterations"] += int(fit.iterations.max())
         seconds = time.perf_counter() - start
-        zeros = torch.zeros(len(observed), dtype=torch.long)
+        zeros = torch.zeros(len(observed), dtype=torch.long, device=observed.device)
         diagnostics["seconds"] = seconds
         diagnostics["budget"] = budget(seconds, fit.iterations if fit else zeros, fit.evaluations if fit else zeros,
-                                       torch.tensor([d["evaluations"] for d in stage_diagnostics]).sum(0))
+                                       torch.tensor([d["evaluations"] for d in stage_diagnostics], device="cpu").sum(0))
         return Reconstruction(images.to(features.dtype), diagnostics,
                               {"blockwise": blockwise.to(features.dtype)} if self.refine else {},
                               intermediates=[r.detach() for r in recovered])

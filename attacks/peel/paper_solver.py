@@ -40,8 +40,9 @@ def invert_stage_paper(stage: Stage, y: torch.Tensor, *, lower: float | None = N
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
 
-    def noise(shape: tuple[int, ...]) -> torch.Tensor:
-        return (PAPER_INIT_SCALE * torch.randn(shape, generator=g, dtype=y.dtype)).requires_grad_(True)
+    def noise(shape: tuple[int, ...]) -> torch.Tensor:  # drawn on the CPU: the same start on every device
+        return (PAPER_INIT_SCALE * torch.randn(shape, generator=g, dtype=y.dtype, device="cpu")
+                ).to(y.device).requires_grad_(True)
 
     x = noise((y.shape[0], *stage.input_shape))
     hidden: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -31,9 +31,9 @@ def fixed_point(stage: Stage, y: torch.Tensor, x: torch.Tensor, lower: float | N
     assert stage.residual is not None
     with torch.no_grad():
         best, best_res = x, sample_residuals(stage.forward, x, y)
-        best_at = torch.zeros(len(x), dtype=torch.long)
-        running = torch.ones(len(x), dtype=torch.bool)
-        ran = torch.zeros(len(x), dtype=torch.long)
+        best_at = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        running = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        ran = torch.zeros(len(x), dtype=torch.long, device=x.device)
         for done in range(1, iterations + 1):
             r = stage.residual(x)
             new = torch.where(y > 0, y - r, torch.minimum(x, -r)) if stage.post_relu else y - r
@@ -66,7 +66,7 @@ def warm_start(stage: Stage, y: torch.Tensor, lower: float | None, upper: float 
         x0 = shortcut_start(stage, y)
     else:
         fill = 0.5 * (lower + upper) if lower is not None and upper is not None else 0.0
-        x0 = torch.full((y.shape[0], *stage.input_shape), fill, dtype=y.dtype)
+        x0 = torch.full((y.shape[0], *stage.input_shape), fill, dtype=y.dtype, device=y.device)
     return project(x0, lower, upper)
 
 

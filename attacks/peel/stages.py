@@ -30,7 +30,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype)
     """A copy of ``conv`` (in ``dtype``) that computes ``bn(conv(x))`` with ``bn``'s eval-mode statistics."""
     folded = copy.deepcopy(conv).to(dtype)
     weight = folded.weight.detach()
-    bias = folded.bias.detach() if folded.bias is not None else torch.zeros(weight.shape[0], dtype=dtype)
+    bias = folded.bias.detach() if folded.bias is not None else torch.zeros(weight.shape[0], dtype=dtype,
+                                                                              device=weight.device)
     if bn is not None:
         assert bn.running_mean is not None and bn.running_var is not None  # the statistics it folds in
         scale = bn.weight.detach().to(dtype) / torch.sqrt(bn.running_var.to(dtype) + bn.eps)
@@ -276,7 +277,9 @@ def extract_stages(client: nn.Module, image_shape: tuple[int, int, int], dtype: 
     which catches blocks whose forward differs from the standard one.
     """
     stages = build_stages(client, dtype)
-    x = torch.rand(2, *image_shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    device = next(iter(client.parameters()), torch.empty(0, device="cpu")).device
+    # the probe is drawn on the CPU (the same on every device), then moved to the client's
+    x = torch.rand(2, *image_shape, dtype=dtype, device="cpu", generator=torch.Generator().manual_seed(0)).to(device)
     probe = x
     with torch.no_grad():
         for stage in stages:
@@ -311,11 +314,12 @@ def shortcut_start(stage: Stage, y: torch.Tensor) -> torch.Tensor:
         return _fill_to(y, stage.shortcut.stride if isinstance(stage.shortcut.stride, int)  # type: ignore[union-attr]
                         else stage.shortcut.stride[0], stage.input_shape)  # type: ignore[union-attr]
     if stage.shortcut_kind != "conv":
-        return torch.zeros((y.shape[0], *stage.input_shape), dtype=y.dtype)
+        return torch.zeros((y.shape[0], *stage.input_shape), dtype=y.dtype, device=y.device)
     conv = stage.shortcut
     assert isinstance(conv, nn.Conv2d)
     weight = conv.weight.detach()[:, :, 0, 0]          # (C_out, C_in)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=y.dtype)
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[0], dtype=y.dtype,
+                                                                        device=y.device)
     rhs = (y - bias.view(1, -1, 1, 1)).permute(0, 2, 3, 1)  # (N, h, w, C_out)
     sub = (rhs @ torch.linalg.pinv(weight).T).permute(0, 3, 1, 2)  # (N, C_in, h, w)
     return _fill_to(sub, conv.stride[0], stage.input_shape)

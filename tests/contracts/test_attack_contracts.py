@@ -127,3 +127,35 @@ def test_a_sample_is_reconstructed_as_if_it_were_alone_where_claimed(name, tiny_
         pytest.skip(f"{name} does not claim batch independence")
     difference, _ = batch_gap(attack, tiny_cut.client, tiny_cut.features, context)
     assert difference < TOLERANCE
+
+
+def device_stray(attack: attacks.Attack, client, features, context) -> str:
+    """'' when the attack makes every tensor on its inputs' device, else the error that shows it did not.
+
+    A CPU-only proxy for a CUDA run: under ``torch.device("meta")`` every factory call without ``device=``
+    (``torch.zeros(n)``, a module built inside the attack) lands on the meta device, and the first op that
+    meets it with the CPU inputs raises, as a CPU tensor meeting CUDA ones would on a GPU."""
+    try:
+        with torch.device("meta"):
+            attack.reconstruct(client, features, context)
+    except (RuntimeError, NotImplementedError) as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.parametrize("name", attack_cases())
+def test_it_makes_its_tensors_on_the_device_of_its_inputs(name, tiny_cut, reconstructed):
+    attack, context, _ = reconstructed(name)
+    assert device_stray(attack, tiny_cut.client, tiny_cut.features, context) == ""
+
+
+def test_the_device_check_catches_a_tensor_made_without_a_device(tiny_cut):
+    class Stray(RMLE):
+        def reconstruct(self, client, features, context):
+            recon = super().reconstruct(client, features, context)
+            return dataclasses.replace(recon, images=recon.images + torch.zeros(recon.images.shape[1:]))
+
+    attack = Stray(iterations=2)
+    context = AttackContext(image_shape=tiny_cut.data.shape)
+    assert attack.reconstruct(tiny_cut.client, tiny_cut.features, context).images.device.type == "cpu"
+    assert device_stray(attack, tiny_cut.client, tiny_cut.features, context) != ""
