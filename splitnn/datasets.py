@@ -1,4 +1,5 @@
-"""Image datasets that exist offline, as float tensors in [0, 1] with a fixed stratified train/test split.
+"""Image datasets that exist offline, as float tensors in [0, 1] with a fixed stratified train/test split (or,
+for large sets of image files, ``lazy_images.LazyImages`` that decode on demand).
 
 ``digits`` (scikit-learn's bundled 8x8 digits) is the embedded default. ``lfw_faces`` is
 scikit-image's ``lfw_subset``: 100 real LFW faces and 100 non-face patches (label 1 = face).
@@ -15,7 +16,12 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from leakbench.splitnn.errors import ParameterError, check_number
+from leakbench.splitnn.lazy_images import Images as Images  # re-exported: what x_train and x_test are
 from leakbench.splitnn.registry import Registry
+
+#: Parameters that choose how a dataset is loaded rather than what it holds: they enter the resolved parameters
+#: (and so cell and checkpoint keys) only when they differ from their default, so adding one keeps every key.
+UNKEYED = frozenset({"lazy"})
 
 _registry: Registry["Dataset"] = Registry("dataset")
 #: name -> its parameters' check, returning (number of classes, number of images): what validation needs, known
@@ -37,12 +43,13 @@ def register(name: str, num_classes: int | None = None, num_images: int | None =
 
 @dataclass
 class Dataset:
-    """Train and test images (N, C, H, W) in [0, 1] with integer labels."""
+    """Train and test images (N, C, H, W) in [0, 1] with integer labels. The images are tensors, or lazy sets that
+    decode what is indexed (``lazy_images``): consumers index or slice them, in batches."""
 
     name: str
-    x_train: torch.Tensor
+    x_train: Images
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Images
     y_test: torch.Tensor
     num_classes: int
     params: dict[str, Any] = field(default_factory=dict)
@@ -173,7 +180,10 @@ def describe(name: str, **params: Any) -> DatasetInfo:
     if unknown:
         raise ParameterError(unknown[0], params[unknown[0]],
                              f"no such parameter of dataset {name!r}; known: {', '.join(resolved)}")
-    return DatasetInfo(name, resolved, *_CHECKS[name](**resolved))
+    sizes = _CHECKS[name](**resolved)
+    defaults = {p.name: p.default for p in signature.parameters.values()}
+    keyed = {k: v for k, v in resolved.items() if k not in UNKEYED or v != defaults[k]}
+    return DatasetInfo(name, keyed, *sizes)
 
 
 def get(name: str, **params: Any) -> Dataset:

@@ -78,7 +78,7 @@ def from_float(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return to_channels(x, channels).contiguous()
 
 
-def as_dataset(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+def as_dataset(name: str, train: tuple[datasets.Images, torch.Tensor], test: tuple[datasets.Images, torch.Tensor],
              num_classes: int, params: dict[str, Any]) -> datasets.Dataset:
     return datasets.Dataset(name, train[0], train[1], test[0], test[1], num_classes, params)
 

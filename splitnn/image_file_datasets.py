@@ -1,6 +1,11 @@
 """Datasets stored one image per file, read from the user's disk, never downloaded: an image folder
 (torchvision's ``ImageFolder``), CelebA with identity labels (torchvision's ``CelebA``) and LFW people
-(scikit-learn's ``fetch_lfw_people``). Only the kept images are decoded, in batches (``disk_datasets``)."""
+(scikit-learn's ``fetch_lfw_people``). Only the kept images are decoded, in batches (``disk_datasets``).
+
+The image folder and CelebA take ``lazy``: true keeps each split as ``lazy_images.LazyImages``, which decodes
+(resizes, centre-crops) only the images indexed, when they are; false decodes the kept images up front; ``auto``
+(the default) is lazy for a split of more than ``lazy_images.LAZY_ABOVE`` images. The pixels are the same either
+way. LFW people stays eager: scikit-learn decodes it whole, and it has at most 13,233 images."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +18,7 @@ from leakbench.splitnn import datasets
 from leakbench.splitnn.disk_datasets import (as_dataset, check_caps, from_float, kept_indices, kept_total,
                                                  require_files, to_channels)
 from leakbench.splitnn.errors import ParameterError, check_number
+from leakbench.splitnn.lazy_images import Lazy, LazyImages, resolve
 
 CELEBA_IDENTITIES = 10177
 #: Batches in which images stored as files are decoded (only the kept ones are ever opened).
@@ -36,6 +42,30 @@ def _decode(dataset: Any, indices: np.ndarray, what: str) -> tuple[torch.Tensor,
         xs.append(x)
         ys.append(torch.as_tensor(y).reshape(len(x), -1)[:, 0])
     return torch.cat(xs), torch.cat(ys).long()
+
+
+def _check_lazy(lazy: Any) -> None:
+    if not (isinstance(lazy, bool) or lazy == "auto"):
+        raise ParameterError("lazy", lazy, "true, false or 'auto'")
+
+
+def _split_images(dataset: Any, kept: np.ndarray, labels: torch.Tensor, channels: int, size: int, lazy: Lazy,
+                  what: str) -> tuple[datasets.Images, torch.Tensor]:
+    """(images, labels) of ``dataset[i]`` for the ``kept`` indices; ``labels`` are those of every index (read
+    without decoding). Lazy: decoded when indexed, each image as ``_decode`` decodes it."""
+    if not resolve(lazy, len(kept)):
+        x, y = _decode(dataset, kept, what)
+        return to_channels(x, channels), y
+
+    def decode(indices: Any) -> torch.Tensor:
+        return to_channels(torch.stack([dataset[i][0] for i in indices]), channels)
+
+    return LazyImages(decode, kept, (channels, size, size)), labels[torch.as_tensor(kept, dtype=torch.long)]
+
+
+def _keyed(params: dict[str, Any], lazy: Lazy) -> dict[str, Any]:
+    """``params`` with ``lazy`` only when it is not the default (how, not what: the keys stay as they were)."""
+    return params if lazy == "auto" else {**params, "lazy": lazy}
 
 
 # -- An image folder: torchvision's ImageFolder, split by train/ and test/ sub-folders or by a fraction ------
@@ -77,9 +107,10 @@ def _fraction_split(targets: np.ndarray, test_fraction: float, seed: int) -> tup
 
 
 def _image_folder_check(root: str, size: int, channels: int, test_fraction: float, train_images: int | None,
-                        test_images: int | None, split_seed: int) -> tuple[int, int]:
+                        test_images: int | None, split_seed: int, lazy: Lazy = "auto") -> tuple[int, int]:
     datasets.check_common(size, channels, test_fraction, split_seed)
     check_caps(train_images, test_images)
+    _check_lazy(lazy)
     train, test = _folders(root)
     n_train, n_test = (len(train), len(test)) if test is not None else \
         (len(train) - round(test_fraction * len(train)), round(test_fraction * len(train)))
@@ -91,11 +122,12 @@ def _image_folder_check(root: str, size: int, channels: int, test_fraction: floa
 @datasets.register("image_folder", check=_image_folder_check)
 def image_folder(root: str, size: int = 64, channels: int = 3, test_fraction: float = 0.25,
                  train_images: int | None = None, test_images: int | None = None,
-                 split_seed: int = 0) -> datasets.Dataset:
+                 split_seed: int = 0, lazy: Lazy = "auto") -> datasets.Dataset:
     """The user's own images: one sub-folder per class (torchvision ``ImageFolder``), each image resized and
     centre-cropped to ``size``. ``root/train`` and ``root/test`` give the split; otherwise a seeded, stratified
-    ``test_fraction`` of ``root`` is the test split."""
-    num_classes, _ = _image_folder_check(root, size, channels, test_fraction, train_images, test_images, split_seed)
+    ``test_fraction`` of ``root`` is the test split. ``lazy``: decode on demand (see the module)."""
+    num_classes, _ = _image_folder_check(root, size, channels, test_fraction, train_images, test_images, split_seed,
+                                         lazy)
     train, test = _folders(root)
     transform = _pil_transform(size)
     if test is None:
@@ -108,11 +140,11 @@ def image_folder(root: str, size: int = 64, channels: int = 3, test_fraction: fl
                                                           ("test", test, test_idx, test_images))):
         folder.transform = transform
         kept = index[kept_indices(len(index), cap, split_seed + offset)]
-        x, y = _decode(folder, kept, f"{split} images")
-        splits[split] = (to_channels(x, channels), y)
+        splits[split] = _split_images(folder, kept, torch.as_tensor(folder.targets, dtype=torch.long), channels,
+                                      size, lazy, f"{split} images")
     params = dict(root=root, size=size, channels=channels, test_fraction=test_fraction,
                   train_images=train_images, test_images=test_images, split_seed=split_seed)
-    return as_dataset("image_folder", splits["train"], splits["test"], num_classes, params)
+    return as_dataset("image_folder", splits["train"], splits["test"], num_classes, _keyed(params, lazy))
 
 
 # -- CelebA with identity labels: torchvision's CelebA ----------------------------------------------------
@@ -122,9 +154,10 @@ CELEBA_SPLITS = {"train": "0", "valid": "1", "test": "2"}
 
 
 def _celeba_check(root: str, size: int, channels: int, train_images: int | None, test_images: int | None,
-                  split_seed: int) -> tuple[int, int]:
+                  split_seed: int, lazy: Lazy = "auto") -> tuple[int, int]:
     datasets.check_common(size, channels, split_seed=split_seed)
     check_caps(train_images, test_images)
+    _check_lazy(lazy)
     require_files(root, [f"celeba/{f}" for f in CELEBA_FILES],
              lambda path, f: (path / f).is_dir() if f.endswith("/") else (path / f).is_file())
     with open(Path(str(root)).expanduser() / "celeba" / "list_eval_partition.txt") as file:
@@ -135,10 +168,11 @@ def _celeba_check(root: str, size: int, channels: int, train_images: int | None,
 
 @datasets.register("celeba", check=_celeba_check)
 def celeba(root: str, size: int = 64, channels: int = 3, train_images: int | None = None,
-           test_images: int | None = None, split_seed: int = 0) -> datasets.Dataset:
+           test_images: int | None = None, split_seed: int = 0, lazy: Lazy = "auto") -> datasets.Dataset:
     """CelebA (torchvision's ``CelebA``, ``download=False``, its own train/test partition) with identity labels
-    (0-based, 10,177 identities), for identity-level attack accuracy; aligned faces resized and centre-cropped."""
-    _celeba_check(root, size, channels, train_images, test_images, split_seed)
+    (0-based, 10,177 identities), for identity-level attack accuracy; aligned faces resized and centre-cropped.
+    ``lazy``: decode on demand (see the module)."""
+    _celeba_check(root, size, channels, train_images, test_images, split_seed, lazy)
     from torchvision.datasets import CelebA
 
     splits = {}
@@ -148,11 +182,12 @@ def celeba(root: str, size: int = 64, channels: int = 3, train_images: int | Non
                           transform=_pil_transform(size), download=False)
         except RuntimeError as exc:  # torchvision checks the listed files' MD5
             raise ParameterError("root", str(root), f"CelebA's files as published ({exc})") from None
-        x, y = _decode(data, kept_indices(len(data), cap, split_seed + offset), f"CelebA {split}")
-        splits[split] = (to_channels(x, channels), y - 1)
+        x, y = _split_images(data, kept_indices(len(data), cap, split_seed + offset), data.identity[:, 0].long(),
+                             channels, size, lazy, f"CelebA {split}")
+        splits[split] = (x, y - 1)
     params = dict(root=root, size=size, channels=channels, train_images=train_images, test_images=test_images,
                   split_seed=split_seed)
-    return as_dataset("celeba", splits["train"], splits["test"], CELEBA_IDENTITIES, params)
+    return as_dataset("celeba", splits["train"], splits["test"], CELEBA_IDENTITIES, _keyed(params, lazy))
 
 
 # -- LFW people: scikit-learn's fetch_lfw_people on a data home that already holds LFW --------------------
