@@ -12,6 +12,7 @@ from torch import nn
 
 from leakbench.contracts import Knowledge
 from leakbench.splitnn.hooks import TrainingHooks
+from leakbench.splitnn.lazy_images import Images
 from leakbench.splitnn.params import Declared, Seed
 
 Kind = Literal["transform", "training"]
@@ -93,9 +94,10 @@ class FeatureDefense(Defense):
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is a feature defense without a transform()")
 
-    def fit(self, client: nn.Module, server: nn.Module, x_train: torch.Tensor,
+    def fit(self, client: nn.Module, server: nn.Module, x_train: Images,
             y_train: torch.Tensor) -> nn.Module:
-        """Learn what the transform needs from training data; return the server half to use with it."""
+        """Learn what the transform needs from training data; return the server half to use with it. ``x_train``
+        may decode on demand (``splitnn.lazy_images``): index or slice it, never ask for all of it at once."""
         return server
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from leakbench.defenses.base import FeatureDefense
 from leakbench.defenses.registry import register
+from leakbench.splitnn.lazy_images import Images, LazyMap, is_lazy
 from leakbench.splitnn.params import Count, Fraction, Positive, PositiveCount, Seed
 
 Score = Literal["random", "magnitude", "conductance", "grad_x_activation"]
@@ -89,10 +90,11 @@ class Pruning(FeatureDefense):
             total = part if total is None else total + part
         return cast(torch.Tensor, total) / len(x)  # x is not empty
 
-    def fit(self, client: nn.Module, server: nn.Module, x_train: torch.Tensor,
+    def fit(self, client: nn.Module, server: nn.Module, x_train: Images,
             y_train: torch.Tensor) -> nn.Module:
         """Score the channels on a seeded subset of the training data, choose the ones to remove, and
-        return the server half (a fine-tuned copy when ``finetune_server > 0``)."""
+        return the server half (a fine-tuned copy when ``finetune_server > 0``). Training images decoded on
+        demand give their pruned features batch by batch, as the fine-tuning asks for them."""
         generator = torch.Generator().manual_seed(self.seed)
         index = torch.randperm(len(x_train), generator=generator)[: self.samples]
         self.scores = self.channel_scores(client, server, x_train[index], y_train[index]).float()
@@ -105,8 +107,13 @@ class Pruning(FeatureDefense):
             return server
         from leakbench.splitnn.training import fit
 
-        with torch.no_grad():
-            features = torch.cat([self.transform(client(x_train[i:i + 256])) for i in range(0, len(x_train), 256)])
+        features: Any
+        if is_lazy(x_train):
+            features = LazyMap(x_train, torch.no_grad()(lambda xb: self.transform(client(xb))))
+        else:
+            with torch.no_grad():
+                features = torch.cat([self.transform(client(x_train[i:i + 256]))
+                                      for i in range(0, len(x_train), 256)])
         tuned = copy.deepcopy(server)
         fit(tuned, features, y_train, epochs=self.finetune_server, lr=self.finetune_lr, batch_size=64,
             weight_decay=5e-4, seed=self.seed, progress=False)

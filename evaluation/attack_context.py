@@ -1,8 +1,9 @@
 """What the runner hands an attack besides the features: only what its declared knowledge entitles it to.
 
 The auxiliary data is a fixed, seeded half of the *training* set (so it is disjoint from the attacked
-test images); the query oracle runs the client and a copy of the defense whose random stream is
-independent of the one that defended the attacked features.
+test images; of a training set decoded on demand, at most AUXILIARY_LAZY_CAP images); the query oracle
+runs the client and a copy of the defense whose random stream is independent of the one that defended the
+attacked features.
 """
 from __future__ import annotations
 
@@ -15,28 +16,39 @@ from leakbench.attacks.base import Attack
 from leakbench.contracts import GRANTS, AttackContext, Knowledge, PublicDefense
 from leakbench.defenses.base import Defense
 from leakbench.splitnn.datasets import Dataset
+from leakbench.splitnn.lazy_images import LAZY_ABOVE, Images, is_lazy
 from leakbench.splitnn.training import config_hash
 
 #: Fraction of the training set the attacker gets as auxiliary data.
 AUXILIARY_FRACTION = 0.5
+#: The most auxiliary images decoded from a training set decoded on demand (``lazy_images``): the attacks take
+#: their auxiliary data as one tensor, so it is materialised, and only this much of it. Half of
+#: ``LAZY_ABOVE``: under ``lazy: auto`` an in-memory training set never gives more, so only lazy sets are capped.
+AUXILIARY_LAZY_CAP = LAZY_ABOVE // 2
 
 
 def auxiliary_split(data: Dataset, seed: int, fraction: float = AUXILIARY_FRACTION
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded ``fraction`` of the training set (images, labels): the attacker's auxiliary data."""
+    """A seeded ``fraction`` of the training set (images, labels): the attacker's auxiliary data, as tensors.
+    Of a lazy training set, the first AUXILIARY_LAZY_CAP images of the same seeded order (a prefix of what an
+    in-memory copy would give), decoded now: never the whole set."""
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(data.x_train), generator=generator)[: int(fraction * len(data.x_train))]
+    count = int(fraction * len(data.x_train))
+    if is_lazy(data.x_train):
+        count = min(count, AUXILIARY_LAZY_CAP)
+    index = torch.randperm(len(data.x_train), generator=generator)[:count]
     return data.x_train[index], data.y_train[index]
 
 
 def query_oracle(client: nn.Module, defense: Defense, seed: int, batch_size: int = 256
                  ) -> Callable[[torch.Tensor], torch.Tensor]:
     """images -> defended features, through a copy of ``defense`` on its own random stream (so the noise an
-    attacker sees on its queries never repeats the noise on the attacked features)."""
+    attacker sees on its queries never repeats the noise on the attacked features). The images go through in
+    batches of ``batch_size`` (a lazy set is decoded a batch at a time); the features come back whole."""
     oracle_defense = defense.reseeded(int(config_hash({"query_stream": seed}), 16) % (2 ** 31))
 
     @torch.no_grad()
-    def query(images: torch.Tensor) -> torch.Tensor:
+    def query(images: Images) -> torch.Tensor:
         return torch.cat([oracle_defense(client(images[i:i + batch_size]))
                           for i in range(0, len(images), batch_size)])
     return query

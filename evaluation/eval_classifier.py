@@ -24,6 +24,7 @@ from torch import nn
 from leakbench.evaluation.metrics import IMAGE_METRICS
 from leakbench.splitnn.datasets import Dataset
 from leakbench.splitnn.errors import check_number
+from leakbench.splitnn.lazy_images import Images
 from leakbench.splitnn.training import TrainConfig, train
 
 #: The seed of every evaluation classifier (the targets use the config's seeds, 0 by default).
@@ -90,8 +91,9 @@ class EvaluationClassifier:
         return f"{self.architecture}{seed} weights {self.weights}"
 
     @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the head's input (the penultimate features), batch by batch."""
+    def _forward(self, x: Images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the head's input (the penultimate features), batch by batch (images decoded on demand
+        are decoded a batch at a time; only the logits and embeddings are kept whole)."""
         logits, embeddings = [], []
         captured: list[torch.Tensor] = []
         hook = self._head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
@@ -103,11 +105,11 @@ class EvaluationClassifier:
             hook.remove()
         return torch.cat(logits), torch.cat(embeddings)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: Images) -> torch.Tensor:
         """Class scores (N, num_classes) of images (N, C, H, W) in [0, 1]."""
         return self._forward(x)[0]
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: Images) -> torch.Tensor:
         """Penultimate features (N, D): the input of the classifier's final linear layer."""
         return self._forward(x)[1]
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from leakbench.splitnn import datasets as datasets_mod
@@ -129,9 +130,32 @@ def build_model(config: TrainConfig, data: datasets_mod.Dataset) -> nn.Module:
     return zoo.get(config.model, **params)
 
 
+class _Pairs(TorchDataset):
+    """(image, label) pairs of images decoded on demand (``lazy_images``): a batch is decoded when the loader
+    asks for it (``__getitems__``), so an epoch never holds more than a batch of images."""
+
+    def __init__(self, x: Any, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.x[indices], self.y[indices]))
+
+
+def pairs(x: Any, y: torch.Tensor) -> TorchDataset:
+    """The training pairs of ``(x, y)``: a TensorDataset for a tensor, else pairs decoded batch by batch."""
+    return TensorDataset(x, y) if isinstance(x, torch.Tensor) else _Pairs(x, y)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode) on ``(x, y)``."""
+def accuracy(model: nn.Module, x: datasets_mod.Images, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``(x, y)``, ``batch_size`` images at a time (a lazy
+    ``x`` is decoded a batch at a time)."""
     from torchmetrics.functional.classification import multiclass_accuracy
 
     model.eval()
@@ -143,20 +167,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+def fit(model: nn.Module, x: datasets_mod.Images | Any, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
         weight_decay: float, seed: int, progress: bool = True, hooks: TrainingHooks | None = None,
         loss: Loss | None = None) -> dict[str, Any]:
     """The one loop: SGD with momentum and a cosine schedule over every step, deterministic given ``seed``;
     ``hooks`` may change the recipe (epochs, lr, batch size, weight decay: the loader and optimizer are built
     from theirs), wrap (model, optimizer, loader) and add a loss term. ``loss`` replaces the task loss (e.g. a
-    shadow client under a frozen server); it excludes hooks. Returns the hooks' report (``finish``); ``model``
-    itself is trained and left in eval mode."""
+    shadow client under a frozen server); it excludes hooks. ``x`` is a tensor or anything that indexes like one
+    (``lazy_images``: decoded a batch at a time, in the order a tensor's batches would come). Returns the hooks'
+    report (``finish``); ``model`` itself is trained and left in eval mode."""
     if loss is not None and hooks is not None:
         raise ValueError("fit takes a replacement loss or training hooks, not both")
     hooks = hooks if hooks is not None else TrainingHooks()
     recipe = hooks.recipe(Recipe(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay))
     epochs = recipe.epochs
-    loader = DataLoader(TensorDataset(x, y), batch_size=recipe.batch_size, shuffle=True,
+    loader = DataLoader(pairs(x, y), batch_size=recipe.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9,
                                                        weight_decay=recipe.weight_decay)
