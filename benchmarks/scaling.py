@@ -12,7 +12,8 @@ the same TV weight (rMLE's default, 0.03: PEEL's 0.3 was tuned on 32 px digits a
 these images); PEEL's block-wise stage comes on top of its budget and is in its time.
 
 Per size it prints seconds per image, the peak resident memory the attack call on both images added (MiB,
-``evaluation.memory.PeakMemory``), PSNR (dB) and the evaluations used per image; then, per attack, the exponent ``k``
+``evaluation.memory.PeakMemory``), PSNR (dB), the evaluations used per image and the PSNR of PEEL's block-wise
+image (the refinement's start); then, per attack, the exponent ``k``
 of ``time ∝ pixels^k`` fitted by least squares on log-log over the sizes from 64 px up (1 = linear in
 pixels). Prints numbers; asserts nothing about speed.
 """
@@ -59,11 +60,15 @@ def measure(size: int, specs: dict[str, tuple[str, dict]], device: torch.device)
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         mse = (recon.images.double() - truth.double()).pow(2).flatten(1).mean(1)
+        start = recon.alternatives.get("blockwise", recon.images)  # PEEL's block-wise image, the refinement's start
+        start_mse = (start.double() - truth.double()).pow(2).flatten(1).mean(1)
         spent = recon.diagnostics["budget"]
         rows.append({"attack": label, "size": size, "seconds_per_image": seconds / len(truth),
                      "rise_mb": memory.rise_mb if memory.rise_mb is not None else math.nan,
                      "cuda_mb": memory.peak_cuda_mb,
                      "psnr": float((-10 * mse.log10()).mean()),
+                     "blockwise_psnr": float((-10 * start_mse.log10()).mean()) if "blockwise" in recon.alternatives
+                     else math.nan,
                      "evaluations": spent["end_to_end_evaluations"],  # already means over images
                      "blockwise_evaluations": spent["blockwise_evaluations"]})
     return rows
@@ -96,13 +101,14 @@ def main() -> None:
           f"evaluations per image, TV {args.tv_weight}, on {name}")
     specs = attack_specs(args.evaluations, args.tv_weight, args.dtype)
     rows = []
-    print(f"{'attack':<6} {'size':>5} {'s/image':>8} {'MiB added':>9} {'PSNR':>6} {'evals':>6} {'block evals':>11}")
+    print(f"{'attack':<6} {'size':>5} {'s/image':>8} {'MiB added':>9} {'PSNR':>6} {'evals':>6} {'block evals':>11} "
+          f"{'block PSNR':>10}")
     for size in args.sizes:
         for row in measure(size, specs, device):
             rows.append(row)
             print(f"{row['attack']:<6} {row['size']:>5} {row['seconds_per_image']:>8.2f} "
                   f"{row['rise_mb']:>9.1f} {row['psnr']:>6.2f} {row['evaluations']:>6.0f} "
-                  f"{row['blockwise_evaluations']:>11.0f}", flush=True)
+                  f"{row['blockwise_evaluations']:>11.0f} {row['blockwise_psnr']:>10.2f}", flush=True)
     for attack in specs:
         print(f"{attack}: time per image grows as pixels^{exponent(rows, attack):.2f} "
               f"(least squares over {[s for s in args.sizes if s >= 64]} px)")
