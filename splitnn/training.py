@@ -109,8 +109,13 @@ class TrainConfig:
 
     def checkpoint_fingerprint(self, hooks: TrainingHooks | None = None) -> str:
         """The fingerprint of the code a checkpoint of this config comes from: the training loop (with the zoo
-        and datasets it imports) and the module of the training hooks, if any."""
-        return code_fingerprint("leakbench.splitnn.training", *([type(hooks).__module__] if hooks is not None else []))
+        and datasets it imports), the module of the training hooks, if any, and the module of the user's model
+        factory, if the model is one (so editing the user's model code retrains it rather than reloading)."""
+        from leakbench.splitnn.user_models import factory_module
+
+        modules = [type(hooks).__module__] if hooks is not None else []
+        user = factory_module(self.model)
+        return code_fingerprint("leakbench.splitnn.training", *modules, *([user] if user else []))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 from leakbench import defenses
 from leakbench.attacks.cache import cached_module
 from leakbench.splitnn import TrainConfig, datasets, fingerprint, train
-from leakbench.splitnn.fingerprint import ROOT, code_fingerprint, sources
+from leakbench.splitnn.fingerprint import ROOT, clear_cache, code_fingerprint, sources
 
 #: A tiny two-package project: ``pa``'s __init__ is a registry importing every plug-in.
 MINI = {
@@ -120,6 +120,19 @@ def test_a_training_defense_module_enters_the_checkpoint_fingerprint(monkeypatch
     monkeypatch.setattr("leakbench.splitnn.training.code_fingerprint", lambda *modules: seen.append(modules) or "x")
     config.checkpoint_fingerprint(defenses.hooks_for(config))
     assert seen == [("leakbench.splitnn.training", "leakbench.defenses.nopeek")]
+
+
+def test_a_user_factory_module_enters_the_checkpoint_fingerprint(tmp_path, monkeypatch):
+    """Editing the user's model code retrains the model instead of reloading the old checkpoint."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "user_net_for_checkpoints.py"
+    module.write_text("def build(num_classes=10):\n    raise NotImplementedError\n")
+    config = TrainConfig("user_net_for_checkpoints:build", "digits")
+    before = config.checkpoint_fingerprint()
+    assert before != TrainConfig("resnet20", "digits").checkpoint_fingerprint()
+    module.write_text("def build(num_classes=10):\n    raise NotImplementedError  # edited\n")
+    clear_cache()
+    assert config.checkpoint_fingerprint() != before
 
 
 def test_an_attack_cache_of_other_code_is_not_loaded(tmp_path, monkeypatch):
