@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -13,6 +14,30 @@ from leakbench.defenses.registry import register
 from leakbench.splitnn.batch import per_sample
 from leakbench.splitnn.errors import ParameterError
 from leakbench.splitnn.params import NonNegative, Seed
+
+
+@dataclass(frozen=True)
+class NoiseLaw:
+    """How a noise defense releases features, for Fisher-information bounds (``evaluation.dfil``): the release is
+    ``mean(f) + std(f) * e``, where ``e`` is i.i.d. per coordinate, zero-mean, unit-variance and symmetric.
+
+    ``mean`` and ``std`` are differentiable functions of the features ``f`` (``std`` per sample, broadcastable
+    against them; it depends on ``f`` for noise relative to the features' scale). ``location_information`` is the
+    Fisher information of ``e``'s density p about a shift (the integral of p'^2 / p), ``scale_information`` that of
+    (1/s) p(e/s) about s at s = 1. Per coordinate k the release then carries ``location_information * |grad
+    mean_k|^2 / std_k^2 + scale_information * |grad std_k|^2 / std_k^2`` (no cross term: p is symmetric).
+    """
+
+    mean: Callable[[torch.Tensor], torch.Tensor]
+    std: Callable[[torch.Tensor], torch.Tensor]
+    location_information: float
+    scale_information: float
+
+
+#: (location, scale) Fisher information of unit-variance noise: N(0, 1) gives 1 and 2; Laplace(0, 1/sqrt 2), 1/b^2
+#: = 2 and 1 (Gaussian noise has the least location information of any law of that variance).
+GAUSSIAN_INFORMATION = (1.0, 2.0)
+LAPLACE_INFORMATION = (2.0, 1.0)
 
 
 @register("none")
@@ -31,9 +56,19 @@ class _ScaledNoise(FeatureDefense):
 
     strength_zero = {"scale": 0.0}
 
+    #: The unit noise's (location, scale) Fisher information (``NoiseLaw``).
+    information: ClassVar[tuple[float, float]]
+
     def __init__(self, scale: NonNegative = 0.1, relative: bool = True, seed: Seed = 0):
         super().__init__(seed)
         self.scale, self.relative = scale, relative
+
+    def noise_law(self) -> NoiseLaw | None:
+        """The features plus ``sigma(features)`` times unit noise; None at scale 0 (no noise). Relative noise's
+        sigma depends on the features, so its law carries that dependence (the scale term of ``NoiseLaw``)."""
+        if self.scale == 0:
+            return None
+        return NoiseLaw(lambda features: features, self.sigma, *self.information)
 
     def sigma(self, features: torch.Tensor) -> torch.Tensor:
         """Per-sample noise standard deviation, shaped to broadcast against ``features``."""
@@ -61,6 +96,8 @@ class GaussianNoise(_ScaledNoise):
     sample's own features, so one ``scale`` means the same signal-to-noise ratio at any cut.
     """
 
+    information = GAUSSIAN_INFORMATION
+
     def unit_noise(self, features: torch.Tensor) -> torch.Tensor:
         return torch.randn(features.shape, generator=self.generator(features.device),
                            dtype=features.dtype, device=features.device)
@@ -77,6 +114,8 @@ def laplace(shape: torch.Size, b: float | torch.Tensor, generator: torch.Generat
 class LaplaceNoise(_ScaledNoise):
     """Adds Laplace noise to every feature; ``scale`` is its standard deviation (b = scale / sqrt 2),
     absolute or relative to each sample's feature RMS, so it matches ``gaussian_noise`` in noise power."""
+
+    information = LAPLACE_INFORMATION
 
     def unit_noise(self, features: torch.Tensor) -> torch.Tensor:
         return laplace(features.shape, 1.0 / math.sqrt(2.0), self.generator(features.device),
@@ -174,6 +213,17 @@ class FeatureDP(FeatureDefense):
         return {"epsilon": self.epsilon, "delta": self.delta, "mechanism": mechanism,
                 "norm": "L1" if self.mechanism == "laplace" else "L2", "clip": self.clip,
                 "noise_scale": self.noise_scale, "unit": "per released feature vector"}
+
+    def noise_law(self) -> NoiseLaw | None:
+        """The clipped features plus noise of a fixed std (sigma, or sqrt(2) b for Laplace); None when epsilon is
+        infinite (no noise)."""
+        if self.noise_scale == 0:
+            return None
+        std = self.noise_scale * (math.sqrt(2.0) if self.mechanism == "laplace" else 1.0)
+        information = LAPLACE_INFORMATION if self.mechanism == "laplace" else GAUSSIAN_INFORMATION
+        return NoiseLaw(self.clip_features, lambda features: torch.full(
+            (features.shape[0],) + (1,) * (features.dim() - 1), std, dtype=features.dtype, device=features.device),
+            *information)
 
     def clip_features(self, features: torch.Tensor) -> torch.Tensor:
         """Scale each sample's flattened features down to norm <= ``clip`` (unchanged when already inside)."""

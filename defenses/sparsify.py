@@ -74,10 +74,17 @@ class CutDropout(FeatureDefense):
     1/(1-p) when ``rescale`` so the expected features are unchanged; ``p=0`` is the identity."""
 
     strength_zero = {"p": 0.0}
+    #: Why ``evaluation.dfil`` reports no Fisher bound for it: random, but with no density about the input.
+    no_noise_reason = ("random, but each surviving feature is released exactly (no density about the input): "
+                       "its Fisher information is unbounded")
 
     def __init__(self, p: Fraction = 0.1, rescale: bool = True, seed: Seed = 0):
         super().__init__(seed)
         self.p, self.rescale = p, rescale
+
+    def noise_law(self) -> None:
+        """No additive noise law: the mask hides features but leaves the kept ones exact (``no_noise_reason``)."""
+        return None
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:
         if self.p == 0:

@@ -19,7 +19,7 @@ import torch
 from leakbench import attacks, defenses
 from leakbench.attacks.base import BUDGET_KEYS, Reconstruction
 from leakbench.attacks.peel import stage_input_errors
-from leakbench.evaluation import chunks, provenance
+from leakbench.evaluation import chunks, dfil, provenance
 from leakbench.evaluation.attack_context import attack_cache_key, attack_context, denied
 from leakbench.evaluation.config import Cell, ExperimentConfig
 from leakbench.evaluation.evaluators import Evaluators
@@ -305,8 +305,11 @@ class Matrix:
         per_image = image_metrics(recon.images, shared.truth)
         judged, evaluation_note = self.evaluators.metrics(cell, data, recon.images, shared.truth, shared.labels)
         per_image.update(judged)
+        # after the attack, at the true images: the least expected error of any unbiased attacker (evaluation.dfil)
+        fisher = dfil.bound(client, defense, shared.truth, seed=seed)
+        per_image.update(fisher.per_image())
         diagnostics = {"attack": recon.diagnostics, "defense": defense.report, "evaluation": evaluation_note,
-                       "images": {"test_indices": shared.indices.tolist()},
+                       "images": {"test_indices": shared.indices.tolist()}, "dfil": fisher.diagnostics(),
                        "model": {"test_accuracy_undefended": trained.test_accuracy,
                                  "from_cache": trained.from_cache, "checkpoint": str(trained.path)}}
         diagnostics["attack"].update(scored_against_truth(client, data.shape, recon, shared.truth))
@@ -315,6 +318,7 @@ class Matrix:
         spent = recon.diagnostics.get("budget", {})
         extra = {f"budget_{k}": spent.get(k) for k in BUDGET_KEYS if not k.endswith("_per_sample")}
         extra["evaluator"] = evaluation_note.get("evaluator")
+        extra["dfil_method"] = fisher.method
         return {"status": "done", "accuracy": shared.accuracy, "per_image": per_image, "summary": summary,
                 "reconstruction": recon.images, "guarantee": defense.guarantee(), "diagnostics": diagnostics,
                 "extra": extra}
