@@ -14,6 +14,7 @@ from leakbench.evaluation import figures
 from leakbench.evaluation.config import Cell
 from leakbench.evaluation.image_sets import attacked_indices
 from leakbench.evaluation.store import ResultStore, current_rows, stale_line
+from leakbench.evaluation.strongest import with_strongest
 from leakbench.evaluation.tables import compact_summary, matrix_latex, to_markdown
 from leakbench.splitnn import datasets
 from leakbench.splitnn.datasets import Dataset
@@ -111,12 +112,13 @@ def write_figures(cells: pd.DataFrame, out: Path, grids: list[Grid] | None = Non
 
 def write_outputs(store: ResultStore, matrix: "Matrix", out: Path) -> Outputs:
     """``table.md``, ``table.tex`` and the figures for the current cells of ``matrix``'s config."""
-    frame = current_rows(store.cells([c.key for c in matrix.cells()]))
+    cells = current_rows(store.cells([c.key for c in matrix.cells()]))
     stale = stale_line(store.cells())
+    grids = reconstruction_grids(store, cells, lambda c: matrix.dataset(Cell(c)))
+    frame = with_strongest(cells, store.images())  # after the grids: a strongest row has no images of its own
     write_text(out / "table.md", f"# {matrix.config.name}\n\n{to_markdown(frame)}\n\n{stale}\n")
     write_text(out / "table.tex", matrix_latex(frame) + "\n")
     paths = {"store": str(store.path), "table": str(out / "table.md"), "latex table": str(out / "table.tex")}
-    grids = reconstruction_grids(store, frame, lambda c: matrix.dataset(Cell(c)))
     with writing(out):
         made = write_figures(frame, out, grids)
     if "reconstructions" in made:

@@ -20,6 +20,7 @@ from leakbench.evaluation.metrics import IMAGE_METRICS
 from leakbench.evaluation.outputs import reconstruction_grids, write_figures, write_text
 from leakbench.evaluation.perceptual import LPIPS_UNAVAILABLE
 from leakbench.evaluation.store import ResultStore, current_rows, stale_line
+from leakbench.evaluation.strongest import with_strongest
 from leakbench.evaluation.tables import best_caption, matrix_html, matrix_latex, result_table
 from leakbench.splitnn.faults import writing
 
@@ -171,9 +172,11 @@ def write_report(results: str | Path) -> dict[str, Path]:
             raise RuntimeError(f"{db} has no current cells: all {len(everything)} were computed by other code or "
                                f"package versions; rerun `leakbench run` on their config to recompute them")
         grids = reconstruction_grids(store, cells)
+        # tables and figures add the strongest-attacker rows (after the grids: such a row has no images)
+        shown = with_strongest(cells, store.images())
     with writing(out):
-        made = write_figures(cells, out, grids)
-    write_text(out / "table.tex", matrix_latex(cells) + "\n")
+        made = write_figures(shown, out, grids)
+    write_text(out / "table.tex", matrix_latex(shown) + "\n")
 
     missing = [f"No reconstruction grid for {g.dataset}: {g.problem}." for g in grids if g.problem]
     for name in ("privacy_utility_attack_top1", "peel_depth"):
@@ -186,10 +189,10 @@ def write_report(results: str | Path) -> dict[str, Path]:
         name=", ".join(dict.fromkeys(json.loads(c or "{}").get("name", "") for c in runs["config_json"])) or out.name,
         store=str(db), written=_utc(datetime.datetime.now(datetime.timezone.utc).timestamp()),
         counts=", ".join(f"{n} {STATUS_TEXT.get(s, s)}" for s, n in counts.items()), stale=stale,
-        matrix=matrix_html(cells), caption=best_caption(), unavailable=unavailable_metrics(cells),
+        matrix=matrix_html(shown), caption=best_caption(), unavailable=unavailable_metrics(cells),
         figures=[_figure(name, made[name][0]) for name in _figure_order(made)],
         missing_figures=missing, cells=_cell_rows(cells),
-        results=result_table(cells).style.hide(axis="index").format(_number, na_rep="", escape="html").to_html(),
+        results=result_table(shown).style.hide(axis="index").format(_number, na_rep="", escape="html").to_html(),
         runs=_run_rows(runs))
     write_text(out / "report.html", html)
     paths = {"report": out / "report.html", "latex table": out / "table.tex"}

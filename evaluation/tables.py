@@ -11,6 +11,7 @@ from leakbench import defenses
 
 from leakbench.evaluation.metrics import IMAGE_METRICS
 from leakbench.evaluation.store import current_rows, params_text
+from leakbench.evaluation.strongest import STRONGEST
 
 
 def format_params(text: str) -> str:
@@ -159,7 +160,8 @@ def best_caption(tolerance: float = ACCURACY_TOLERANCE) -> str:
     """What the marked entries mean, for captions."""
     return (f"Marked: per column (and dataset, model, cut and seed, when there are several), the defense that "
             f"leaks least (lowest PSNR, lowest attack accuracy) among those whose accuracy is within "
-            f"{tolerance * 100:g} percentage points of the undefended model's. "
+            f"{tolerance * 100:g} percentage points of the undefended model's. The strongest columns take, per "
+            f"image, the most leakage any attack reached: the best defense is the one marked there. "
             f"n/a: the attack does not apply; failed: the cell failed (see the report); "
             f"--: metric not in the store.")
 
@@ -225,6 +227,8 @@ def matrix_html(cells: pd.DataFrame) -> str:
 
 #: The widest line the compact summary prints (a terminal's width; the full table is in table.md).
 SUMMARY_WIDTH = 100
+#: The summary's column of the strongest-attacker rows (``evaluation.strongest``).
+PER_IMAGE_BEST = "best/img"
 #: The longest defense label in the summary, and the longest attack name used as a column title (longer
 #: attack names become letters with a legend).
 SUMMARY_LABEL, SUMMARY_ATTACK = 32, 18
@@ -265,6 +269,13 @@ def _chunks(rows: list[list[str]], first: int, width: int) -> list[list[int]]:
     return chunks
 
 
+def _strongest(line: dict, names: dict[str, str]) -> str:
+    """The summary's ``strongest`` entry: the attack that won the most images, else the highest mean PSNR."""
+    if line["winner"] is not None:  # a variant label, as the summary's columns
+        return names.get(line["winner"], line["winner"])
+    return names[max(line["psnr"], key=line["psnr"].get)] if line["psnr"] else "--"
+
+
 def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
     """One line per defense (and strength; under a heading per dataset, model, cut and seed when there are
     several): its accuracy, the strongest attack (highest mean PSNR) and each attack's PSNR with its 95% CI,
@@ -275,16 +286,21 @@ def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
         return "no current cells"
     cells = cells.assign(attack_label=variant_labels(cells, "attack", "attack_params"),
                          strength=strength_labels(cells))
-    attacks = list(dict.fromkeys(cells["attack_label"]))
-    letters = any(len(a) > SUMMARY_ATTACK for a in attacks)
+    attacks = [a for a in dict.fromkeys(cells["attack_label"]) if a != STRONGEST] + (
+        [STRONGEST] if (cells["attack_label"] == STRONGEST).any() else [])  # the per-image best comes last
+    letters = any(len(a) > SUMMARY_ATTACK for a in attacks if a != STRONGEST)
     names = {a: (chr(ord("A") + i) if i < 26 else f"Z{i}") if letters else a for i, a in enumerate(attacks)}
+    names[STRONGEST] = PER_IMAGE_BEST
     groups = [k for k in ROW_GROUPS if k in cells and cells[k].nunique() > 1]
     lines: dict[tuple, dict] = {}
     for _, c in cells.iterrows():
         line = lines.setdefault(tuple(c[k] for k in groups) + (c["defense"], c["strength"]),
-                                {"psnr": {}, "text": {}, "accuracy": None})
+                                {"psnr": {}, "text": {}, "accuracy": None, "winner": None})
         line["text"][c["attack_label"]] = _psnr_text(c)
-        if c["status"] == "done" and pd.notna(c.get("psnr")):
+        if c["attack_label"] == STRONGEST:
+            winner = c.get("strongest_winner")
+            line["winner"] = winner if isinstance(winner, str) else None
+        elif c["status"] == "done" and pd.notna(c.get("psnr")):
             line["psnr"][c["attack_label"]] = float(c["psnr"])
         if pd.notna(c.get("accuracy")):
             line["accuracy"] = float(c["accuracy"])
@@ -292,10 +308,13 @@ def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
     rows = [["defense", "acc", "strongest"] + [names[a] for a in attacks]] + [
         [_clip(f"{k[-2]} {k[-1]}".strip(), SUMMARY_LABEL),
          "--" if v["accuracy"] is None else f"{v['accuracy']:.3f}",
-         names[max(v["psnr"], key=v["psnr"].get)] if v["psnr"] else "--"] + [v["text"].get(a, "--") for a in attacks]
+         _strongest(v, names)] + [v["text"].get(a, "--") for a in attacks]
         for k, v in lines.items()]
-    text = ["acc: the defended model's top-1 accuracy; strongest: the attack with the highest mean PSNR",
-            "per attack: PSNR (dB), mean [95% CI] (no CI: too few images for the bootstrap)"]
+    per_image = STRONGEST in attacks
+    text = ["acc: the defended model's top-1 accuracy; strongest: the attack "
+            + ("that won the most images on PSNR" if per_image else "with the highest mean PSNR"),
+            "per attack: PSNR (dB), mean [95% CI] (no CI: too few images for the bootstrap)"
+            + (f"; {PER_IMAGE_BEST}: per image, the best" if per_image else "")]
     for n, chunk in enumerate(_chunks(rows, 3, width)):
         columns = ([0, 1, 2] if n == 0 else [0]) + chunk
         table = _layout([[r[i] for i in columns] for r in rows], {j for j, i in enumerate(columns) if i == 1 or i >= 3})

@@ -23,7 +23,8 @@ def test_run_writes_store_table_and_grid_then_skips_finished_cells(config_path, 
     assert main(["run", str(config_path), "--out", str(out), "--quiet"]) == 0
     assert (out / "results.sqlite").exists() and (out / "reconstructions.png").exists()
     table = (out / "table.md").read_text()
-    assert table.count("| done") == 4 and "psnr" in table and "accuracy" in table
+    # the 4 cells and one strongest-attacker row per defense (evaluation.strongest)
+    assert table.count("| done") == 6 and table.count("| strongest") == 2 and "psnr" in table and "accuracy" in table
     with ResultStore(out / "results.sqlite") as store:
         cells = store.cells()
         assert len(cells) == 4 and set(cells.status) == {"done"}
@@ -65,7 +66,7 @@ def test_run_writes_store_table_and_grid_then_skips_finished_cells(config_path, 
     assert "2 done (2 recomputed: stored by other code), 2 already done" in printed and "no stale rows" in printed
     with ResultStore(out / "results.sqlite") as store:
         cells = store.cells()
-    assert len(cells) == 4 and cells.is_current.all() and (out / "table.md").read_text().count("| done") == 4
+    assert len(cells) == 4 and cells.is_current.all() and (out / "table.md").read_text().count("| done") == 6
     peel = cells.attack == "peel"
     assert (cells[peel].finished_at > first[first.attack == "peel"].finished_at.max()).all()  # new rows
     assert set(cells[~peel].finished_at) == set(first[first.attack == "rmle"].finished_at)  # untouched
