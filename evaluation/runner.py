@@ -112,6 +112,7 @@ class Matrix:
         self._models: dict[str, TrainedModel] = {}
         self._fitted: dict[str, tuple[defenses.Defense, torch.nn.Module]] = {}
         self._features: dict[str, Features] = {}
+        self._bounds: dict[str, dfil.Bound] = {}  # per features_key: the bound needs no attack
         self.cache_stats: Counter = Counter()
         self.evaluators = Evaluators(cache_dir, progress)  # the evaluation classifier, LPIPS
 
@@ -306,7 +307,10 @@ class Matrix:
         judged, evaluation_note = self.evaluators.metrics(cell, data, recon.images, shared.truth, shared.labels)
         per_image.update(judged)
         # after the attack, at the true images: the least expected error of any unbiased attacker (evaluation.dfil)
-        fisher = dfil.bound(client, defense, shared.truth, seed=seed)
+        bound_key = self.features_key(cell)
+        if bound_key not in self._bounds:
+            self._bounds[bound_key] = dfil.bound(client, defense, shared.truth, seed=seed)
+        fisher = self._bounds[bound_key]
         per_image.update(fisher.per_image())
         diagnostics = {"attack": recon.diagnostics, "defense": defense.report, "evaluation": evaluation_note,
                        "images": {"test_indices": shared.indices.tolist()}, "dfil": fisher.diagnostics(),
