@@ -72,10 +72,15 @@ def _done(cells: pd.DataFrame, metric: str) -> pd.DataFrame:
     return cells[(cells["status"] == "done") & cells[metric].notna() & cells["accuracy"].notna()]
 
 
+#: dFIL PSNR bounds below this (an MSE bound above 1, vacuous for [0, 1] images) are not drawn.
+DFIL_FLOOR_DB = 0.0
+
+
 def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[Path]:
     """Accuracy against ``metric`` (e.g. psnr, attack_top1), one panel per attack, one line per defense over
     its strengths in config order, the metric's bootstrap 95% CI as horizontal error bars. Returns [] when no
-    done cell has the metric."""
+    done cell has the metric. For PSNR, a dotted line of crosses in the same colour marks each noise defense's
+    dFIL bound (the highest PSNR of an unbiased attacker's expected error; a biased one may pass it)."""
     cells = current_rows(cells)
     done = _done(cells, metric)
     if done.empty:
@@ -91,7 +96,13 @@ def privacy_utility(cells: pd.DataFrame, metric: str, stem: str | Path) -> list[
             low = (line[metric] - line.get(f"{metric}_ci_low", line[metric])).clip(lower=0).fillna(0)
             high = (line.get(f"{metric}_ci_high", line[metric]) - line[metric]).clip(lower=0).fillna(0)
             label = " ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
-            ax.errorbar(line[metric], line["accuracy"], xerr=[low, high], marker="o", capsize=3, label=label)
+            bars = ax.errorbar(line[metric], line["accuracy"], xerr=[low, high], marker="o", capsize=3, label=label)
+            if metric == "psnr" and "dfil_psnr_bound" in line:  # the unbiased attacker's ceiling (evaluation.dfil)
+                ceiling = line["dfil_psnr_bound"].where(np.isfinite(line["dfil_psnr_bound"]) &
+                                                        (line["dfil_psnr_bound"] >= DFIL_FLOOR_DB))
+                if ceiling.notna().any():
+                    ax.plot(ceiling, line["accuracy"], linestyle=":", marker="x", color=bars.lines[0].get_color(),
+                            label=f"{label}: dFIL bound (unbiased)")
             for x, y, strength in zip(line[metric], line["accuracy"], strengths[line.index]):
                 if strength:  # only what varies along the line; the legend names the defense
                     ax.annotate(strength, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
