@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from leakbench import attacks  # noqa: E402
 from leakbench.evaluation.metrics import IMAGE_METRICS  # noqa: E402
 from leakbench.evaluation.store import current_rows  # noqa: E402
+from leakbench.evaluation.strongest import STRONGEST  # noqa: E402
 from leakbench.evaluation.tables import (ROW_GROUPS, distinguishing_params, matrix_table, missing_text,  # noqa: E402
                                variant_labels)
 
@@ -139,6 +140,41 @@ def leakage_heatmap(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     fig.colorbar(image, ax=ax, label=METRIC_TITLES.get(metric, metric))
     ax.set_title(f"{metric} per defense and attack")
+    return save(fig, stem)
+
+
+def leakage_by_depth(cells: pd.DataFrame, stem: str | Path, metric: str = "psnr") -> list[Path]:
+    """Cut depth as a defense axis: per defense (and strength, and model), the leakage against the strongest
+    attacker (``evaluation.strongest``; the highest mean where a cut has a single attacker) and the defended
+    model's accuracy at each cut, cuts in config order. Returns [] unless the cells span two cuts or more."""
+    done = _done(current_rows(cells), metric)
+    if done.empty or done["cut"].nunique() < 2:
+        return []
+    cuts = list(dict.fromkeys(done["cut"]))
+    strengths = distinguishing_params(done, "defense", "defense_params")
+    done = done.assign(strength=strengths, is_strongest=done["attack"] == STRONGEST)
+    higher = IMAGE_METRICS.get(metric, True)
+    fig, (leak, utility) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    group = ["model"] if done["model"].nunique() > 1 else []
+    for key, line in done.groupby(group + ["defense", "strength"], sort=False):
+        points = []
+        for cut, here in line.groupby("cut", sort=False):
+            chosen = here[here["is_strongest"]] if here["is_strongest"].any() else here
+            value = chosen[metric].max() if higher else chosen[metric].min()
+            points.append((cuts.index(cut), value, float(here["accuracy"].iloc[0])))
+        points.sort()
+        label = " ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)) if str(k))
+        xs = [p[0] for p in points]
+        leak.plot(xs, [p[1] for p in points], marker="o", label=label)
+        utility.plot(xs, [p[2] for p in points], marker="o", label=label)
+    for ax, title in ((leak, f"{METRIC_TITLES.get(metric, metric)}, strongest attacker"),
+                      (utility, "accuracy (defended split model)")):
+        ax.set_xticks(range(len(cuts)), cuts, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel("cut (input side first)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    utility.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("leakage and accuracy against the depth of the cut", fontsize=10)
     return save(fig, stem)
 
 

@@ -99,6 +99,7 @@ def write_figures(cells: pd.DataFrame, out: Path, grids: list[Grid] | None = Non
         "privacy_utility_attack_top1": lambda stem: figures.privacy_utility(cells, "attack_top1", stem),
         "heatmap_psnr": lambda stem: figures.leakage_heatmap(cells, stem),
         "peel_depth": lambda stem: figures.peel_depth_profile(cells, stem),
+        "leakage_by_depth": lambda stem: figures.leakage_by_depth(cells, stem),
     }
     made = {name: plot(out / name) for name, plot in plots.items()}
     grids = grids or []

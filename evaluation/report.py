@@ -34,6 +34,9 @@ FIGURE_TEXT = {
     "heatmap_psnr": ("Defense × attack matrix (PSNR)", "Red: more leakage; grey: failed or not applicable."),
     "peel_depth": ("PEEL along the depth of the client",
                    "Relative error of each block's recovered input, from the input side to the cut."),
+    "leakage_by_depth": ("Leakage and accuracy against the depth of the cut",
+                         "Per defense: PSNR against the strongest attacker (per image, the best any attack reached) "
+                         "and the defended model's accuracy at each cut."),
     "reconstructions": ("Reconstructions", "Originals (first row) over each done cell's reconstructions."),
 }
 

@@ -73,7 +73,7 @@ def strongest_rows(cells: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
             continue
         labels = list(members["attack_label"])
         first = members.iloc[0]
-        row: dict[str, Any] = {k: first[k] for k in members.columns if k in IDENTITY}
+        row: dict[str, Any] = {k: first[k] for k in members.columns if k in IDENTITY or k.startswith("dfil")}
         config = {**json.loads(first["config_json"]), "attack": {"name": STRONGEST, "params": {}}}
         row.update(cell_key=f"{STRONGEST}-{group}", attack=STRONGEST, attack_params="{}", status="done",
                    config_json=json.dumps(config, sort_keys=True),
@@ -97,7 +97,8 @@ def strongest_rows(cells: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
     return pd.DataFrame(rows), (pd.concat(image_rows, ignore_index=True) if image_rows else pd.DataFrame())
 
 
-#: The columns a strongest row copies from its group (everything but the attack's own).
+#: The columns a strongest row copies from its group (everything but the attack's own), besides the dFIL bound
+#: (``dfil*``: a property of the defended features, not of the attack).
 IDENTITY = ("run_id", "dataset", "model", "cut", "defense", "defense_params", "seed", "accuracy", "guarantee_json",
             "config_json", "code_fingerprint", "evaluator")
 

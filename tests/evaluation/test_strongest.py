@@ -10,11 +10,11 @@ from leakbench.evaluation.tables import compact_summary, matrix_table
 N = 12  # images per cell: enough for a BCa interval
 
 
-def _cell(key, attack, defense="none", seed=0, status="done", current=True, params=None):
+def _cell(key, attack, defense="none", seed=0, status="done", current=True, params=None, cut="layer1"):
     config = {"dataset": {"name": "digits", "params": {}}, "model": {"name": "resnet20", "params": {}},
-              "cut": "layer1", "defense": {"name": defense, "params": {}}, "seed": seed,
+              "cut": cut, "defense": {"name": defense, "params": {}}, "seed": seed,
               "attack": {"name": attack, "params": params or {}}, "evaluation": {"num_images": N}}
-    return {"cell_key": key, "dataset": "digits", "model": "resnet20", "cut": "layer1", "defense": defense,
+    return {"cell_key": key, "dataset": "digits", "model": "resnet20", "cut": cut, "defense": defense,
             "defense_params": "{}", "attack": attack, "attack_params": json.dumps(params or {}), "seed": seed,
             "status": status, "accuracy": 0.9, "guarantee_json": "{}", "config_json": json.dumps(config),
             "is_current": current, "wall_time_s": 1.0, "psnr": np.nan, "reason": None}
@@ -26,10 +26,11 @@ def _images(key, psnr):
                          "mse": 10 ** (-psnr / 10)})
 
 
-def _store(rng):
+def _store(rng, cut="layer1"):
     a, b = rng.uniform(10, 30, N), rng.uniform(10, 30, N)
-    cells = pd.DataFrame([_cell("a", "rmle"), _cell("b", "peel"), _cell("c", "rmle", defense="gaussian_noise")])
-    images = pd.concat([_images("a", a), _images("b", b), _images("c", a - 5)], ignore_index=True)
+    cells = pd.DataFrame([_cell(f"a{cut}", "rmle", cut=cut), _cell(f"b{cut}", "peel", cut=cut),
+                          _cell(f"c{cut}", "rmle", defense="gaussian_noise", cut=cut)])
+    images = pd.concat([_images(f"a{cut}", a), _images(f"b{cut}", b), _images(f"c{cut}", a - 5)], ignore_index=True)
     cells["psnr"] = [a.mean(), b.mean(), (a - 5).mean()]
     return cells, images, a, b
 
@@ -72,3 +73,22 @@ def test_tables_and_the_summary_show_the_strongest_row():
     none_line = next(line for line in summary.splitlines() if line.startswith("none"))
     assert none_line.split()[2] == winner
     assert with_strongest(cells.iloc[:1], images) is not None and len(with_strongest(cells.iloc[:1], images)) == 1
+
+
+def test_the_depth_figure_draws_the_strongest_leakage_per_cut(tmp_path):
+    from leakbench.evaluation import figures
+
+    rng = np.random.default_rng(3)
+    frames = []
+    for cut, shift in (("layer1", 0.0), ("layer2", -5.0)):
+        cells, images, _, _ = _store(rng, cut)
+        images["psnr"] += shift
+        frames.append((cells, images))
+    cells = pd.concat([f[0] for f in frames], ignore_index=True)
+    images = pd.concat([f[1] for f in frames], ignore_index=True)
+    shown = with_strongest(cells, images)
+    # one per cut (the noise rows have one attacker per cut: cuts are never pooled)
+    assert list(shown.loc[shown["attack"] == STRONGEST, "cut"]) == ["layer1", "layer2"]
+    paths = figures.leakage_by_depth(shown, tmp_path / "depth")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in paths)
+    assert figures.leakage_by_depth(shown[shown["cut"] == "layer1"], tmp_path / "one") == []  # one cut: no figure
