@@ -33,6 +33,26 @@ def variant(text: str) -> dict[str, Any]:
     return {"attack": name, "attack_params": matches}
 
 
+#: Cell columns ``sides`` averages over seeds (absent ones are left out).
+SIDE_COLUMNS = ("psnr_p95", "recognised", "budget_end_to_end_evaluations", "budget_blockwise_evaluations",
+                "wall_time_s")
+
+
+def sides(cells: pd.DataFrame, variants: list[str], metric: str) -> pd.DataFrame:
+    """One row per (variant, model, cut): the seeds' mean of ``metric`` and of ``SIDE_COLUMNS``."""
+    done = cells[cells["status"] == "done"]
+    rows = []
+    for text in variants:
+        selector = variant(text)
+        chosen = done[(done["attack"] == selector["attack"]) & done["attack_params"].map(selector["attack_params"])]
+        for (model, cut), group in chosen.groupby(["model", "cut"], sort=False):
+            row = {"variant": text, "model": model, "cut": cut, "seeds": group["seed"].nunique(),
+                   metric: group[metric].mean()}
+            row.update({c: group[c].mean() for c in SIDE_COLUMNS if c in group})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="a results directory or its results.sqlite")
@@ -40,8 +60,11 @@ def main() -> None:
     parser.add_argument("--b", required=True, action="append", help="variant B (repeatable)")
     parser.add_argument("--metric", default="psnr")
     args = parser.parse_args()
-    with ResultStore(find_store(args.results)) as store:
+    with ResultStore(find_store(args.results), read_only=True) as store:
         cells, images = current_rows(store.cells()), store.images()
+    print(f"Per variant: means over seeds of each cell's mean {args.metric}, worst case (PSNR p95, share "
+          f"recognised), end-to-end and block-wise evaluations per image, and wall time per cell (s)\n")
+    print(sides(cells, [args.a, *args.b], args.metric).to_markdown(index=False, floatfmt=".3g"))
     for b in args.b:
         table = compare(images, cells, variant(args.a), variant(b), args.metric)
         table = table[["model", "cut", "defense", "n_pairs", "n_seeds", "mean_a", "mean_b", "mean_difference",
