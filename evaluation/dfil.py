@@ -92,9 +92,11 @@ def _constant(n: int, value: float, pixels: int, method: str, reason: str) -> Bo
 def noise_law(defense: Defense | None, features: torch.Tensor) -> NoiseLaw | str:
     """The defense's noise law, or why it has none: a defense without ``noise_law`` is checked for randomness
     (two reseeded copies on the same features) so that a new random defense is never reported unbounded."""
-    if defense is None or isinstance(defense, TrainingDefense):
+    if defense is None:
         return "adds no noise to the released features (they pass unchanged at inference)"
-    declared = getattr(defense, "noise_law", None)
+    declared = getattr(defense, "noise_law", None)  # a training defense may release noise too (vib)
+    if declared is None and isinstance(defense, TrainingDefense):
+        return "adds no noise to the released features (they pass unchanged at inference)"
     if declared is not None:
         law = declared()
         return law if law is not None else getattr(defense, "no_noise_reason", "adds no noise at this strength")

@@ -150,14 +150,15 @@ class Matrix:
                 server: torch.nn.Module) -> tuple[defenses.Defense, torch.nn.Module]:
         """The cell's defense, ready to use, and the server half to use it with.
 
-        A training defense is the instance that trained the model (it carries e.g. the epsilon spent).
+        A training defense is (a copy of) the instance that trained the model (it carries e.g. the epsilon spent),
+        its random stream started again from its seed, as a transform defense's is.
         A transform defense that ``needs_fit`` is fitted once on the training data per (model, cut,
         defense, seed) and shared by the cells that differ only in the attack; each cell gets a copy
         whose random stream starts again from the seed.
         """
         spec = cell["defense"]
-        if isinstance(trained.hooks, defenses.TrainingDefense):
-            return trained.hooks, server
+        if isinstance(trained.hooks, defenses.TrainingDefense):  # a copy whose random stream starts at its seed
+            return trained.hooks.reseeded(), server
         defense = defenses.get(spec["name"], seed=cell["seed"], **spec["params"])
         if not defense.needs_fit:
             return defense, server

@@ -99,3 +99,13 @@ def test_bad_settings_fail_when_the_hooks_are_built(params, cut, key):
     with pytest.raises(ParameterError) as info:
         defenses.hooks_for(TrainConfig("resnet20", "digits", defense={"name": "vib", "params": params}, cut=cut))
     assert info.value.key == key
+
+
+def test_dfil_reads_the_noise_law_of_a_trained_vib(trained):
+    """A training defense that releases noise gets a finite bound; one that declares no law stays unbounded."""
+    from leakbench.evaluation import dfil
+
+    data, _, models = trained
+    features = split(models[1.0].model, "layer1")[0](data.x_test[:2]).detach()
+    assert not isinstance(dfil.noise_law(models[1.0].hooks, features), str)
+    assert isinstance(dfil.noise_law(defenses.get("nopeek", alpha=0.5), features), str)
