@@ -114,3 +114,17 @@ class TrainingDefense(Defense, TrainingHooks):
 
     def restore(self, report: dict[str, Any]) -> None:
         self.report = dict(report)
+
+
+def sampled_features(client: nn.Module, server: nn.Module, x_train: Images, y_train: torch.Tensor, samples: int,
+                     seed: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """A fitted defense's training material: the client's features (no gradient) and the labels of a seeded
+    sample of ``samples`` training images, computed in batches (both halves put in eval mode), and the seeded
+    generator that drew the sample, for the fit's own shuffles."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(x_train), generator=generator)[:samples]
+    client.eval()
+    server.eval()
+    with torch.no_grad():
+        features = torch.cat([client(x_train[index[i:i + batch_size]]) for i in range(0, len(index), batch_size)])
+    return features, y_train[index], generator

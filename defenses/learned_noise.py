@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from leakbench.defenses.base import FeatureDefense
+from leakbench.defenses.base import FeatureDefense, sampled_features
 from leakbench.defenses.noise import GAUSSIAN_INFORMATION, NoiseLaw
 from leakbench.defenses.registry import register
 from leakbench.splitnn.batch import per_sample
@@ -78,13 +78,7 @@ class LearnedNoise(FeatureDefense):
         as it is (Shredder never retrains it)."""
         if self.scale == 0:
             return server
-        generator = torch.Generator().manual_seed(self.seed)
-        index = torch.randperm(len(x_train), generator=generator)[: self.samples]
-        client.eval()
-        server.eval()
-        with torch.no_grad():
-            clean = torch.cat([client(x_train[index[i:i + 256]]) for i in range(0, len(index), 256)])
-        labels = y_train[index]
+        clean, labels, generator = sampled_features(client, server, x_train, y_train, self.samples, self.seed)
         shape = clean.shape[1:] if self.per == "element" else (clean.shape[1],) + (1,) * (clean.dim() - 2)
         theta = torch.zeros(shape, device=clean.device, requires_grad=True)
         optimizer = torch.optim.Adam([theta], lr=self.lr)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from leakbench.defenses.base import FeatureDefense
+from leakbench.defenses.base import FeatureDefense, sampled_features
 from leakbench.defenses.registry import register
 from leakbench.splitnn.datasets import Images
 from leakbench.splitnn.params import Count, Positive, PositiveCount, Seed
@@ -113,14 +113,8 @@ class RandomProjection(FeatureDefense):
             y_train: torch.Tensor) -> nn.Module:
         """Draw ``M`` for the cut's channel count and return the server half to use: the server itself at
         strength 0 or with no fine-tuning, else the trained adapter in front of it (the server stays frozen)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        index = torch.randperm(len(x_train), generator=generator)[: self.samples]
-        client.eval()
-        server.eval()
-        with torch.no_grad():
-            clean = torch.cat([client(x_train[index[i:i + 256]]) for i in range(0, len(index), 256)])
+        clean, labels, generator = sampled_features(client, server, x_train, y_train, self.samples, self.seed)
         self.matrix = self.projection(clean.shape[1])
-        labels = y_train[index]
         self.report = {"channels": clean.shape[1], "kept_channels": int(self.matrix.abs().sum(dim=1).gt(0).sum())}
         if self.identity or self.finetune_epochs == 0:
             return server
