@@ -313,8 +313,8 @@ def compact_summary(cells: pd.DataFrame, width: int = SUMMARY_WIDTH) -> str:
     per_image = STRONGEST in attacks
     text = ["acc: the defended model's top-1 accuracy; strongest: the attack "
             + ("that won the most images on PSNR" if per_image else "with the highest mean PSNR"),
-            "per attack: PSNR (dB), mean [95% CI] (no CI: too few images for the bootstrap)"
-            + (f"; {PER_IMAGE_BEST}: per image, the best" if per_image else "")]
+            "per attack: PSNR (dB), mean [95% CI] (no CI: too few images"
+            + (f"); {PER_IMAGE_BEST}: per image, the best attack" if per_image else " for the bootstrap)")]
     for n, chunk in enumerate(_chunks(rows, 3, width)):
         columns = ([0, 1, 2] if n == 0 else [0]) + chunk
         table = _layout([[r[i] for i in columns] for r in rows], {j for j, i in enumerate(columns) if i == 1 or i >= 3})
