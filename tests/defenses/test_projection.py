@@ -14,10 +14,11 @@ from leakbench.splitnn.training import accuracy
 def test_the_rotation_is_orthogonal_and_its_powers_run_from_the_identity_to_it():
     rotation = haar_rotation(16, torch.Generator().manual_seed(0))
     eye = torch.eye(16, dtype=torch.float64)
-    assert torch.allclose(rotation @ rotation.T, eye, atol=1e-12)
+    # float64 products of 16x16 factors (QR, an eigendecomposition): 1e-9 holds on any CPU's kernels
+    assert torch.allclose(rotation @ rotation.T, eye, atol=1e-9)
     assert torch.linalg.det(rotation) == pytest.approx(1.0)
     half = rotation_power(rotation, 0.5)
-    assert torch.allclose(half @ half.T, eye, atol=1e-12) and torch.allclose(half @ half, rotation, atol=1e-12)
+    assert torch.allclose(half @ half.T, eye, atol=1e-9) and torch.allclose(half @ half, rotation, atol=1e-9)
     assert torch.equal(rotation_power(rotation, 0.0), eye) and torch.equal(rotation_power(rotation, 1.0), rotation)
     assert 0 < float((half - eye).norm()) < float((rotation - eye).norm())
 
