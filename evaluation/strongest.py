@@ -43,13 +43,17 @@ def group_key(config_json: str) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _leakiest(values: np.ndarray, higher_leaks: bool) -> np.ndarray:
+    """``values`` (attackers x images) with NaN as the least leakage, oriented so that larger leaks more."""
+    oriented = values if higher_leaks else -values
+    return np.where(np.isnan(oriented), -np.inf, oriented)
+
+
 def _best(values: np.ndarray, higher_leaks: bool) -> np.ndarray:
     """Per image (columns) the most leakage over attackers (rows), ignoring NaN; NaN where every one is NaN."""
-    if np.isnan(values).all(axis=0).any():
-        filled = np.where(np.isnan(values), -np.inf if higher_leaks else np.inf, values)
-        best = filled.max(axis=0) if higher_leaks else filled.min(axis=0)
-        return np.where(np.isinf(best), np.nan, best)
-    return np.nanmax(values, axis=0) if higher_leaks else np.nanmin(values, axis=0)
+    best = _leakiest(values, higher_leaks).max(axis=0)
+    best = np.where(np.isinf(best), np.nan, best)
+    return best if higher_leaks else -best
 
 
 def strongest_rows(cells: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -79,17 +83,18 @@ def strongest_rows(cells: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
                    config_json=json.dumps(config, sort_keys=True),
                    is_current=True, strongest_of="; ".join(labels),
                    wall_time_s=float(members["wall_time_s"].sum()) if "wall_time_s" in members else math.nan)
+        stacked = {m: np.stack([per_image[k][m].to_numpy(dtype=float) for k in members["cell_key"]])
+                   for m in metrics}  # attackers x images
         best: dict[str, np.ndarray] = {}
         for metric in metrics:
-            stacked = np.stack([per_image[k][metric].to_numpy(dtype=float) for k in members["cell_key"]])
-            best[metric] = _best(stacked, IMAGE_METRICS[metric])
+            best[metric] = _best(stacked[metric], IMAGE_METRICS[metric])
             mean, low, high = summarize(best[metric].tolist(), seed=int(first["seed"]))
             row.update({metric: mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
         row.update(worst_case({m: v.tolist() for m, v in best.items()}))
         if WINNER_METRIC in best:
-            stacked = np.stack([per_image[k][WINNER_METRIC].to_numpy(dtype=float) for k in members["cell_key"]])
-            winners = Counter(labels[i] for i in np.nanargmax(np.where(np.isnan(stacked), -np.inf, stacked), axis=0))
-            row["strongest_by"] = "; ".join(f"{name} {n}/{stacked.shape[1]}" for name, n in winners.most_common())
+            scores = _leakiest(stacked[WINNER_METRIC], IMAGE_METRICS[WINNER_METRIC])
+            winners = Counter(labels[i] for i in scores.argmax(axis=0))
+            row["strongest_by"] = "; ".join(f"{name} {n}/{scores.shape[1]}" for name, n in winners.most_common())
             row["strongest_winner"] = winners.most_common(1)[0][0]
         rows.append(row)
         indices = per_image[members["cell_key"].iloc[0]]["image_index"].to_numpy()
