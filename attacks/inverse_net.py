@@ -89,10 +89,12 @@ class InverseNet(Attack):
             losses.append(total / len(images))
         return losses
 
-    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+    def fitted_decoder(self, features: torch.Tensor, context: AttackContext) -> tuple[Decoder, bool, list[float]]:
+        """The decoder for ``features``' shape, trained on the context's auxiliary images through its query oracle
+        (or loaded from the attack cache): ``(decoder in eval mode, from_cache, losses per epoch)``. Other attacks
+        that start from this decoder (``peel_prior``) call this, so they share one cached decoder per cell."""
         shape = context.require("image_shape", by=self)
         (aux_images, _labels), query = context.require("auxiliary", "query", by=self)
-        start = time.perf_counter()
         with torch.random.fork_rng(), torch.device("cpu"):  # initialised on the CPU: the same on every device
             torch.manual_seed(self.seed)
             decoder = Decoder(tuple(features.shape[1:]), shape, self.hidden)
@@ -102,8 +104,14 @@ class InverseNet(Attack):
             "attack": self.name, **self.params, "context": context.cache_key, "features": list(features.shape[1:])}
         decoder, from_cache = cached_module(decoder, self.name, key, context.cache_dir,
                                             lambda d: losses.extend(self.train_decoder(d, aux_images, query)))
+        return decoder.eval(), from_cache, losses
+
+    def reconstruct(self, client: nn.Module, features: torch.Tensor, context: AttackContext) -> Reconstruction:
+        start = time.perf_counter()
+        decoder, from_cache, losses = self.fitted_decoder(features, context)
+        (aux_images, _labels) = context.require("auxiliary", by=self)
         with torch.no_grad():
-            images = decoder.eval()(features.float()).to(features.dtype)
+            images = decoder(features.float()).to(features.dtype)
         seconds = time.perf_counter() - start
         # no fit through the client: its cost is training
         none = torch.zeros(len(features), dtype=torch.long, device=features.device)

@@ -1,0 +1,76 @@
+"""The hybrid attacker: the inverse network's decoder as start and prior, refined through the client."""
+import pytest
+import torch
+
+from leakbench import attacks, defenses
+from leakbench.attacks.base import AttackContext, Knowledge, PublicDefense
+from leakbench.attacks.peel.observation import Exact
+from leakbench.attacks.peel_prior import noise_variance
+from leakbench.evaluation.attack_context import auxiliary_split, query_oracle
+
+
+@pytest.fixture(scope="module")
+def setting(small_split):
+    return small_split.data, small_split.client
+
+
+def _mse(a, b):
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def _context(data, client, defense, tmp_path, **extra):
+    key = {"model": "m", "cut": "layer1", "defense": defense.name, "seed": 0}
+    return AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, seed=0),
+                         query=query_oracle(client, defense, 0), defense=PublicDefense.of(defense),
+                         cache_dir=str(tmp_path), cache_key=key, **extra)
+
+
+@pytest.mark.parametrize("name, params", [("none", {}), ("gaussian_noise", {"scale": 0.5})])
+def test_peel_prior_improves_on_its_decoder_start(setting, tmp_path, name, params):
+    """Per image the refined fit is closer to the truth than the decoder's image it started from, undefended (the
+    features pin the image down) and under noise (the MAP weight keeps it near the decoder while the features
+    still correct it)."""
+    data, client = setting
+    x = data.x_test[:6]
+    defense = defenses.get(name, **params)
+    with torch.no_grad():
+        features = defense(client(x))
+    rec = attacks.get("peel_prior", epochs=6, refine_iter=60, max_iter=20).reconstruct(
+        client, features, _context(data, client, defense, tmp_path))
+    decoded = rec.alternatives["decoder"]
+    assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
+    gain = _mse(decoded, x) / _mse(rec.images, x)
+    weight = rec.diagnostics["prior_weight_mean"]
+    if name == "none":
+        assert weight == 0.0 and bool((gain > 3).all())  # the exact release: the fit goes far past the decoder
+    else:
+        assert weight > 0 and float(gain.min()) > 1.0
+    assert rec.diagnostics["budget"]["end_to_end_evaluations"] > 0
+
+
+def test_peel_prior_shares_inverse_nets_cached_decoder(setting, tmp_path):
+    """Same decoder parameters, same cell: one decoder is trained; peel_prior's start is inverse_net's image."""
+    data, client = setting
+    x = data.x_test[:3]
+    defense = defenses.get("none")
+    with torch.no_grad():
+        features = client(x)
+    plain = attacks.get("inverse_net", epochs=2).reconstruct(client, features,
+                                                             _context(data, client, defense, tmp_path))
+    hybrid = attacks.get("peel_prior", epochs=2, refine_iter=5, max_iter=5, blockwise=False).reconstruct(
+        client, features, _context(data, client, defense, tmp_path))
+    assert not plain.diagnostics["from_cache"] and hybrid.diagnostics["decoder_from_cache"]
+    assert len(list((tmp_path / "attacks").glob("*.pt"))) == 1
+    assert torch.allclose(hybrid.alternatives["decoder"], plain.images.float(), atol=1e-6)
+
+
+def test_peel_prior_knowledge_and_map_weight(setting):
+    attack = attacks.get("peel_prior")
+    assert attack.knowledge == {Knowledge.CLIENT_WEIGHTS, Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS,
+                                Knowledge.DEFENSE}
+    assert Knowledge.DEFENSE not in attacks.get("peel_prior", adaptive=False).knowledge
+    y = torch.ones(3, 4)
+    assert noise_variance(Exact(y)) == 0.0
+    from leakbench.attacks.peel.observation import Noisy
+    sigma = torch.tensor([[0.1], [0.2], [0.3]])
+    assert torch.allclose(noise_variance(Noisy(y, sigma=sigma)), sigma.flatten() ** 2)
