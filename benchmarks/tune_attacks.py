@@ -6,7 +6,7 @@ grid over the parameters its defaults fix) and, where it optimises the image, th
 (``--budget`` evaluations per image). Each candidate is scored by its mean PSNR over the validation images in
 every setting (the default target, ResNet-20 trained on digits as in ``experiments/default.yaml``, cut
 after ``layer2``, undefended and under relative Gaussian noise 0.1); the best mean wins. Prints one row
-per candidate and the chosen parameters. Run (about 8 min on 2 CPU cores):
+per candidate and the chosen parameters. Run (about 8 min on 2 CPU cores; `peel_prior` adds about 7 min):
 
     .venv/bin/python benchmarks/tune_attacks.py --budget 200 --images 16
 """
@@ -31,11 +31,13 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "peel": {"tv_weight": [0.0, 0.03, 0.3], "also_from_grey": [True, False]},
     "rmle": {"tv_weight": [0.0, 0.03, 0.3], "starts": [["grey"], ["zeros"]]},
     "inverse_net": {"lr": [0.001, 0.002, 0.005], "hidden": [32, 64]},
+    # the decoder's own parameters are inverse_net's chosen ones; prior_scale 1 is the Gaussian MAP weight
+    "peel_prior": {"tv_weight": [0.0, 0.03, 0.3], "prior_scale": [1.0, 0.1]},
 }
 CANDIDATES = 6
 SETTINGS = [("layer2", "none", {}), ("layer2", "gaussian_noise", {"scale": 0.1, "relative": True})]
 #: Budget parameters per attack (the optimisation attacks share one end-to-end evaluation budget).
-BUDGETED = {"peel": "max_evaluations", "rmle": "max_evaluations"}
+BUDGETED = {"peel": "max_evaluations", "rmle": "max_evaluations", "peel_prior": "max_evaluations"}
 
 
 def candidates(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -61,6 +63,8 @@ def score(attack_name: str, params: dict[str, Any], model: torch.nn.Module, data
             ctx["auxiliary"] = auxiliary_split(data, 0)
         if attacks.Knowledge.QUERY_ACCESS in attack.knowledge:
             ctx["query"] = query_oracle(client, defenses.get(defense_name, **defense_params), 0)
+        if attacks.Knowledge.DEFENSE in attack.knowledge:
+            ctx["defense"] = attacks.PublicDefense.of(defenses.get(defense_name, **defense_params))
         start = time.perf_counter()
         recon = attack.reconstruct(client, features, attacks.AttackContext(**ctx))
         psnr = image_metrics(recon.images, truth)["psnr"]
