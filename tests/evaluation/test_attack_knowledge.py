@@ -44,6 +44,7 @@ attacks:
   - {name: peel, params: {adaptive: true, max_iter: 2, refine_iter: 2}}
   - {name: inverse_net, params: {epochs: 1}}
   - {name: shadow, params: {epochs: 1, iterations: 2}}
+  - {name: fora, params: {substitute_epochs: 1, decoder_epochs: 1}}
 evaluation: {num_images: 2}
 """
 
@@ -69,6 +70,7 @@ def test_white_box_cells_are_not_applicable_behind_a_defense_that_denies_client_
         assert "client_weights" in cells.loc[white_box, "reason"]
     assert cells.loc["inverse_net", "status"] == "done"  # black box: queries and auxiliary data
     assert cells.loc["shadow", "status"] == "done"       # query-free: server half and auxiliary data
+    assert cells.loc["fora", "status"] == "done"         # auxiliary data and the observed features only
 
 
 def test_denied_reads_the_declared_knowledge():
@@ -88,6 +90,8 @@ def test_context_follows_knowledge_and_auxiliary_data_is_half_the_training_set()
                                                                              "auxiliary", "query"}
     assert present(attack_context(attacks.get("shadow"), **common)) == {"image_shape", "cache_dir", "cache_key",
                                                                         "auxiliary", "server"}
+    assert present(attack_context(attacks.get("fora"), **common)) == {"image_shape", "cache_dir", "cache_key",
+                                                                      "auxiliary"}
     assert attack_context(attacks.get("peel"), **common).defense is None
     aware = attack_context(attacks.get("peel", adaptive=True), **common).defense
     assert aware == PublicDefense("gaussian_noise", "transform", {"scale": 0.5, "relative": True}, type(noise))
