@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from leakbench.contracts import Knowledge
+from leakbench.splitnn import devices
 from leakbench.splitnn.hooks import TrainingHooks
 from leakbench.splitnn.lazy_images import Images
 from leakbench.splitnn.params import Declared, Seed
@@ -120,11 +121,14 @@ def sampled_features(client: nn.Module, server: nn.Module, x_train: Images, y_tr
                      seed: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
     """A fitted defense's training material: the client's features (no gradient) and the labels of a seeded
     sample of ``samples`` training images, computed in batches (both halves put in eval mode), and the seeded
-    generator that drew the sample, for the fit's own shuffles."""
+    generator that drew the sample, for the fit's own shuffles. The sample is drawn on the CPU (the same on every
+    device); each batch, and the labels, go to the client's device (``splitnn.devices.of``)."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(x_train), generator=generator)[:samples]
     client.eval()
     server.eval()
+    device = devices.of(client)
     with torch.no_grad():
-        features = torch.cat([client(x_train[index[i:i + batch_size]]) for i in range(0, len(index), batch_size)])
-    return features, y_train[index], generator
+        features = torch.cat([client(x_train[index[i:i + batch_size]].to(device))
+                              for i in range(0, len(index), batch_size)])
+    return features, y_train[index].to(device), generator

@@ -12,6 +12,7 @@ from torch import nn
 
 from leakbench.defenses.base import FeatureDefense
 from leakbench.defenses.registry import register
+from leakbench.splitnn import devices
 from leakbench.splitnn.lazy_images import Images, LazyMap, is_lazy
 from leakbench.splitnn.params import Count, Fraction, Positive, PositiveCount, Seed
 
@@ -97,7 +98,8 @@ class Pruning(FeatureDefense):
         demand give their pruned features batch by batch, as the fine-tuning asks for them."""
         generator = torch.Generator().manual_seed(self.seed)
         index = torch.randperm(len(x_train), generator=generator)[: self.samples]
-        self.scores = self.channel_scores(client, server, x_train[index], y_train[index]).float()
+        device = devices.of(client)  # the sample is drawn on the CPU, scored on the client's device
+        self.scores = self.channel_scores(client, server, x_train[index].to(device), y_train[index].to(device)).float()
         k = int(self.ratio * len(self.scores))
         order = torch.sort(self.scores, stable=True).indices
         self.removed = sorted(order[:k].tolist())
@@ -109,10 +111,10 @@ class Pruning(FeatureDefense):
 
         features: Any
         if is_lazy(x_train):
-            features = LazyMap(x_train, torch.no_grad()(lambda xb: self.transform(client(xb))))
+            features = LazyMap(x_train, torch.no_grad()(lambda xb: self.transform(client(xb.to(device)))))
         else:
             with torch.no_grad():
-                features = torch.cat([self.transform(client(x_train[i:i + 256]))
+                features = torch.cat([self.transform(client(x_train[i:i + 256].to(device)))
                                       for i in range(0, len(x_train), 256)])
         tuned = copy.deepcopy(server)
         fit(tuned, features, y_train, epochs=self.finetune_server, lr=self.finetune_lr, batch_size=64,

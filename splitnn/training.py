@@ -1,6 +1,10 @@
 """Train a zoo model on a dataset with the one training loop (training defenses hook it, ``splitnn.hooks``), with a
 checkpoint cache keyed by the hash of the training config and the fingerprint of the training code (a checkpoint
-of other code is never loaded)."""
+of other code is never loaded).
+
+The device (``splitnn.devices``) is not part of the key: a model is initialised on the CPU (the same weights on
+every device), moved to ``train``'s ``device``, trained there batch by batch, saved from a CPU copy and loaded
+with ``map_location="cpu"``, so a checkpoint written on one device loads on another."""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +24,7 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from leakbench.splitnn import datasets as datasets_mod
-from leakbench.splitnn import zoo
+from leakbench.splitnn import devices, zoo
 from leakbench.splitnn.errors import ParameterError, check_number
 from leakbench.splitnn.faults import set_aside, write_failure
 from leakbench.splitnn.fingerprint import code_fingerprint
@@ -160,12 +164,13 @@ def pairs(x: Any, y: torch.Tensor) -> TorchDataset:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: datasets_mod.Images, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on ``(x, y)``, ``batch_size`` images at a time (a lazy
-    ``x`` is decoded a batch at a time)."""
+    ``x`` is decoded a batch at a time), each batch moved to the model's device."""
     from torchmetrics.functional.classification import multiclass_accuracy
 
     model.eval()
-    logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    return float(multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro"))
+    device = devices.of(model)
+    logits = torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+    return float(multiclass_accuracy(logits, y.to(device), num_classes=logits.shape[1], average="micro"))
 
 
 #: A caller's own objective ``loss(model, x, y)`` in place of the cross-entropy of ``model(x)``.
@@ -179,8 +184,9 @@ def fit(model: nn.Module, x: datasets_mod.Images | Any, y: torch.Tensor, *, epoc
     ``hooks`` may change the recipe (epochs, lr, batch size, weight decay: the loader and optimizer are built
     from theirs), wrap (model, optimizer, loader) and add a loss term. ``loss`` replaces the task loss (e.g. a
     shadow client under a frozen server); it excludes hooks. ``x`` is a tensor or anything that indexes like one
-    (``lazy_images``: decoded a batch at a time, in the order a tensor's batches would come). Returns the hooks'
-    report (``finish``); ``model`` itself is trained and left in eval mode."""
+    (``lazy_images``: decoded a batch at a time, in the order a tensor's batches would come), on any device: each
+    batch is moved to the model's device (``devices.of``) and the shuffle is drawn on the CPU, so it is the same
+    on every device. Returns the hooks' report (``finish``); ``model`` itself is trained and left in eval mode."""
     if loss is not None and hooks is not None:
         raise ValueError("fit takes a replacement loss or training hooks, not both")
     hooks = hooks if hooks is not None else TrainingHooks()
@@ -191,11 +197,13 @@ def fit(model: nn.Module, x: datasets_mod.Images | Any, y: torch.Tensor, *, epoc
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9,
                                                        weight_decay=recipe.weight_decay)
     model.train()
+    device = devices.of(model)
     wrapped, optimizer, loader = hooks.wrap(model, optimizer, loader, epochs=epochs)
     # created after the wrap, so it schedules the optimizer that steps, over the steps the loader makes
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
     for _ in tqdm(range(epochs), desc="training", unit="epoch", disable=not progress, leave=False):
         for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad()
             if loss is not None:
                 total = loss(wrapped, xb, yb)
@@ -212,7 +220,8 @@ def fit(model: nn.Module, x: datasets_mod.Images | Any, y: torch.Tensor, *, epoc
 
 
 def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: TrainingHooks | None = None,
-          data: datasets_mod.Dataset | None = None, progress: bool = True) -> TrainedModel:
+          data: datasets_mod.Dataset | None = None, progress: bool = True,
+          device: str | torch.device = "cpu") -> TrainedModel:
     """Train ``config.model`` on ``config.dataset`` with the one loop (``fit``), or load it from the cache if
     it was trained before.
 
@@ -221,6 +230,7 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
     that names a defense needs its hooks, and hooks need a config that names them (their own checkpoint).
     The checkpoint is ``<cache_dir>/models/<config hash>-<code fingerprint>.pt`` (a state dict) with a JSON
     sidecar that records both; after a change in the training code or the package versions it retrains.
+    The model is built on the CPU, then trained (or loaded) and returned on ``device``, which is no part of the key.
     """
     if (config.defense is None) != (hooks is None):
         raise ParameterError("hooks", hooks, f"training hooks for the defense the config names "
@@ -228,8 +238,9 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
                              "None, or a config whose defense names these hooks (so they get their own checkpoint)")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     data = data if data is not None else datasets_mod.get(config.dataset, **config.dataset_params)
+    device = devices.use(device)
     if config.weights is not None:
-        return _with_weights(config, data, hooks)
+        return _with_weights(config, data, hooks, device)
 
     def fresh_model() -> nn.Module:
         torch.manual_seed(config.seed)
@@ -247,6 +258,7 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
             test_accuracy, train_seconds = float(meta["test_accuracy"]), float(meta["train_seconds"])
             report = dict(meta.get("defense_report", {}))
             model.load_state_dict(state)
+            model.to(device)
         except Exception as exc:  # a truncated, foreign or hand-edited file: moved aside (kept) and retrained
             set_aside(path, exc, meta_path)
             model = fresh_model()
@@ -255,6 +267,7 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
                 hooks.restore(report)
             return TrainedModel(model.eval(), config, test_accuracy, True, path, train_seconds, hooks)
 
+    model.to(device)
     start = time.perf_counter()
     report = fit(model, data.x_train, data.y_train, epochs=config.epochs, lr=config.lr,
                  batch_size=config.batch_size, weight_decay=config.weight_decay, seed=config.seed,
@@ -264,12 +277,21 @@ def train(config: TrainConfig, cache_dir: str | Path | None = None, *, hooks: Tr
     meta = json.dumps({"config": asdict(config), "key": config.key(), "code_fingerprint": fingerprint,
                        "test_accuracy": acc, "train_seconds": seconds, "defense_report": report},
                       indent=2, default=str)
-    atomic_save(path, lambda file: torch.save(model.state_dict(), file))  # the sidecar last: it marks done
+    atomic_save(path, lambda file: torch.save(cpu_state(model), file))  # the sidecar last: it marks done
     atomic_save(meta_path, lambda file: file.write(meta.encode()))
     return TrainedModel(model, config, acc, False, path, seconds, hooks)
 
 
-def _with_weights(config: TrainConfig, data: datasets_mod.Dataset, hooks: TrainingHooks | None) -> TrainedModel:
+def cpu_state(model: nn.Module) -> dict[str, Any]:
+    """``model``'s state dict with every tensor on the CPU (the same dict, metadata and all, for a CPU model)."""
+    state = model.state_dict()
+    for name, tensor in state.items():
+        state[name] = tensor.cpu()
+    return state
+
+
+def _with_weights(config: TrainConfig, data: datasets_mod.Dataset, hooks: TrainingHooks | None,
+                  device: torch.device) -> TrainedModel:
     """The user's model with the user's weights (``config.weights``): built, loaded and scored, not trained."""
     from leakbench.splitnn.user_models import file_digest, load_weights
 
@@ -282,5 +304,5 @@ def _with_weights(config: TrainConfig, data: datasets_mod.Dataset, hooks: Traini
         raise ParameterError("weights", file, f"the file validated (SHA-256 {config.weights['sha256']}); it has "
                                               "changed since: validate the config again")
     torch.manual_seed(config.seed)
-    model = load_weights(build_model(config, data), file).eval()
+    model = load_weights(build_model(config, data), file).eval().to(device)
     return TrainedModel(model, config, accuracy(model, data.x_test, data.y_test), False, Path(file), 0.0, None)
