@@ -127,8 +127,9 @@ def fisher_trace(client: nn.Module, law: NoiseLaw, x: torch.Tensor, probes: int 
         values.append(_quadratic_forms(client, law, x, tangent.view(count * n, *x.shape[1:])).view(count, n))
     forms = torch.cat(values).double()
     if probes is None:
-        return forms.sum(dim=0), torch.zeros(n, dtype=torch.float64)
-    se = forms.std(dim=0) / math.sqrt(probes) if probes > 1 else torch.full((n,), math.nan, dtype=torch.float64)
+        return forms.sum(dim=0), torch.zeros(n, dtype=torch.float64, device=forms.device)
+    se = (forms.std(dim=0) / math.sqrt(probes) if probes > 1 else
+          torch.full((n,), math.nan, dtype=torch.float64, device=forms.device))
     return forms.mean(dim=0), se
 
 

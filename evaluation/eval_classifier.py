@@ -12,6 +12,9 @@ The user may bring their own judge instead (``evaluation: {classifier: {factory:
 face-identity network for identity-level attack accuracy): ``load_evaluation_classifier`` loads it through the
 same path as a target model with the user's weights (``splitnn.train`` with ``TrainConfig.weights``: checked,
 never trained), and its embedding is likewise the input of its last ``nn.Linear``.
+
+Either judge scores on the device it was trained or loaded on (``device``): images and labels are moved to it
+batch by batch, and the scores come back as Python floats.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from leakbench.evaluation.metrics import IMAGE_METRICS
+from leakbench.splitnn import devices
 from leakbench.splitnn.datasets import Dataset
 from leakbench.splitnn.errors import check_number
 from leakbench.splitnn.lazy_images import Images
@@ -80,7 +84,7 @@ class EvaluationClassifier:
         self._head = last_linear(model)
         # Computed once: every reconstruction of every cell is compared with the same training embeddings.
         self._train_embeddings = self.embed(data.x_train)
-        self._train_labels = data.y_train.clone()
+        self._train_labels = data.y_train.clone().to(devices.of(self.model))
 
     @property
     def identity(self) -> str:
@@ -97,9 +101,10 @@ class EvaluationClassifier:
         logits, embeddings = [], []
         captured: list[torch.Tensor] = []
         hook = self._head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        device = devices.of(self.model)
         try:
             for i in range(0, len(x), self.batch_size):
-                logits.append(self.model(x[i:i + self.batch_size].float()))
+                logits.append(self.model(x[i:i + self.batch_size].to(device).float()))
                 embeddings.append(captured.pop().flatten(1))
         finally:
             hook.remove()
@@ -122,6 +127,7 @@ class EvaluationClassifier:
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
         logits, embeddings = self._forward(images.detach().clamp(0, 1))
+        labels = labels.to(logits.device)
         k = min(5, self.num_classes)
         top = logits.topk(k, dim=1).indices
         top1 = (top[:, 0] == labels).float()
@@ -138,28 +144,30 @@ class EvaluationClassifier:
 
 
 def get_evaluation_classifier(data: Dataset, cache_dir: str | None = None, progress: bool = False, *,
-                              train_params: dict[str, Any] | None = None,
-                              model: str = EVALUATION_ARCHITECTURE) -> EvaluationClassifier:
+                              train_params: dict[str, Any] | None = None, model: str = EVALUATION_ARCHITECTURE,
+                              device: str | torch.device = "cpu") -> EvaluationClassifier:
     """The evaluation classifier for ``data``: ``model`` with seed ``EVALUATION_SEED``, trained on ``data``'s
     training split with ``EVALUATION_RECIPE`` (``train_params`` overrides its keys: cheaper judges in
-    tests), or loaded from the checkpoint cache. It depends on nothing but the dataset, by design."""
+    tests), or loaded from the checkpoint cache, on ``device``. It depends on nothing but the dataset, by design
+    (the device is not part of its checkpoint's key)."""
     recipe = {**EVALUATION_RECIPE, **(train_params or {})}
     config = TrainConfig(model=model, dataset=data.name, dataset_params=dict(data.params), seed=EVALUATION_SEED,
                          **recipe)
-    trained = train(config, cache_dir, data=data, progress=progress)
+    trained = train(config, cache_dir, data=data, progress=progress, device=device)
     return EvaluationClassifier(trained.model, data, test_accuracy=trained.test_accuracy,
                                 architecture=model, seed=EVALUATION_SEED,
                                 checkpoint=trained.path.stem if trained.path is not None else config.key())
 
 
-def load_evaluation_classifier(data: Dataset, judge: dict[str, Any]) -> EvaluationClassifier:
+def load_evaluation_classifier(data: Dataset, judge: dict[str, Any], device: str | torch.device = "cpu"
+                               ) -> EvaluationClassifier:
     """The user's evaluation classifier for ``data``: ``judge`` is the cell's resolved entry (``{"name", "params",
     "weights": {"file", "sha256"}}``, checked by the config), built and loaded from its weights, never trained;
-    a weights file changed since validation raises ParameterError."""
+    a weights file changed since validation raises ParameterError. It scores on ``device``."""
     params = dict(judge["params"])
     config = TrainConfig(model=judge["name"], dataset=data.name, model_params=params,
                          dataset_params=dict(data.params), seed=EVALUATION_SEED, weights=dict(judge["weights"]))
-    loaded = train(config, data=data, progress=False)
+    loaded = train(config, data=data, progress=False, device=device)
     label = f"{judge['name']}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else judge["name"]
     return EvaluationClassifier(loaded.model, data, test_accuracy=loaded.test_accuracy, architecture=label,
                                 weights_file=dict(judge["weights"]))

@@ -3,7 +3,7 @@ accuracy, KNN distance) and LPIPS. Each judge is built once per process and shar
 the same one, like trained models in the Matrix. The classifier depends on the dataset alone, so every row
 of a table on one dataset is scored by the same judge, which the row names. The user's own judge
 (``evaluation.classifier``, a model entry with weights) is loaded, never trained, and is part of what
-identifies the classifier."""
+identifies the classifier. The judges run on the cells' device (``device``; never part of a key)."""
 from __future__ import annotations
 
 from typing import Any
@@ -21,9 +21,10 @@ from leakbench.splitnn.training import config_hash
 class Evaluators:
     """Evaluation classifiers (one per dataset and its parameters) and LPIPS (per weights)."""
 
-    def __init__(self, cache_dir: str | None = None, progress: bool = False):
+    def __init__(self, cache_dir: str | None = None, progress: bool = False, device: str | torch.device = "cpu"):
         self.cache_dir = cache_dir
         self.progress = progress
+        self.device = torch.device(device)
         self._classifiers: dict[str, EvaluationClassifier] = {}
         self._lpips: dict[tuple[str, str], LPIPS] = {}
 
@@ -44,13 +45,15 @@ class Evaluators:
         key = self.classifier_key(cell)
         judge = cell["evaluation"]["classifier"]
         if key not in self._classifiers:
-            self._classifiers[key] = (load_evaluation_classifier(data, judge) if isinstance(judge, dict) else
-                                      get_evaluation_classifier(data, self.cache_dir, self.progress))
+            self._classifiers[key] = (load_evaluation_classifier(data, judge, self.device)
+                                      if isinstance(judge, dict) else
+                                      get_evaluation_classifier(data, self.cache_dir, self.progress,
+                                                                device=self.device))
         return self._classifiers[key]
 
     def lpips(self, weights: str, net: str) -> LPIPS:
         if (weights, net) not in self._lpips:
-            self._lpips[(weights, net)] = LPIPS(weights, net)
+            self._lpips[(weights, net)] = LPIPS(weights, net, self.device)
         return self._lpips[(weights, net)]
 
     def metrics(self, cell: Cell, data: Dataset, images: torch.Tensor, truth: torch.Tensor,

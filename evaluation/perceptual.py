@@ -56,7 +56,7 @@ def _slices(backbone: nn.Module) -> list[nn.Module]:
 class LPIPS:
     """Per-image LPIPS (lower = more similar) on [0, 1] images, with a locally loaded backbone."""
 
-    def __init__(self, weights: str | Path, net: str = "alex"):
+    def __init__(self, weights: str | Path, net: str = "alex", device: str | torch.device = "cpu"):
         check_choice("lpips_net", net, tuple(BACKBONES))
         weights = Path(weights)
         if not weights.is_file():
@@ -70,12 +70,14 @@ class LPIPS:
         for slice_ in _slices(self.net.net):
             for index, module in slice_.named_children():
                 module.load_state_dict(features[int(index)].state_dict())
-        self.net.eval()
+        self.net.eval().to(device)
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, reconstruction: torch.Tensor, truth: torch.Tensor) -> list[float]:
         """LPIPS of each reconstructed image against its original (grey images are repeated to RGB)."""
-        rec, ref = reconstruction.detach().float().clamp(0, 1), truth.detach().float().clamp(0, 1)
+        rec = reconstruction.detach().to(self.device).float().clamp(0, 1)
+        ref = truth.detach().to(self.device).float().clamp(0, 1)
         if rec.shape[1] == 1:
             rec, ref = rec.repeat(1, 3, 1, 1), ref.repeat(1, 3, 1, 1)
         return [float(v) for v in self.net(rec, ref, normalize=True).flatten()]

@@ -4,6 +4,11 @@ storing failures and inapplicable cells as rows instead of stopping.
 Computing a cell (``Matrix.compute_cell``) is separate from storing it: an executor
 (``evaluation.executors``) computes cells here or on Dask workers, and only the process that owns the
 store writes it, one transaction per finished cell, as results arrive.
+
+A cell runs on the config's device (``ExperimentConfig.device``, ``splitnn.devices``): the target model after
+training or loading, the attacked images and their defended features, the fitted defense, the attack's context,
+the metrics and the evaluation classifier live there; what is stored (rows, reconstructions) comes back to the
+CPU. The device is not part of a cell's key (the run's provenance names it).
 """
 from __future__ import annotations
 
@@ -114,7 +119,8 @@ class Matrix:
         self._features: dict[str, Features] = {}
         self._bounds: dict[str, dfil.Bound] = {}  # per features_key: the bound needs no attack
         self.cache_stats: Counter = Counter()
-        self.evaluators = Evaluators(cache_dir, progress)  # the evaluation classifier, LPIPS
+        self.device = torch.device(config.device)  # made ready (devices.use) when a cell starts: workers too
+        self.evaluators = Evaluators(cache_dir, progress, self.device)  # the evaluation classifier, LPIPS
 
     def cells(self) -> list[Cell]:
         return self.config.cells()
@@ -141,7 +147,7 @@ class Matrix:
             self.cache_stats["model_hit"] += 1
         else:
             self._models[config.key()] = train(config, self.cache_dir, hooks=defenses.hooks_for(config),
-                                               data=self.dataset(cell), progress=self.progress)
+                                               data=self.dataset(cell), progress=self.progress, device=self.device)
             self.cache_stats["model_miss"] += 1
             self.cache_stats["model_disk"] += int(self._models[config.key()].from_cache)
         return self._models[config.key()]
@@ -188,7 +194,7 @@ class Matrix:
         self.cache_stats["features_miss"] += 1
         data = self.dataset(cell)
         indices = attacked_indices(data, cell["seed"], cell["evaluation"]["num_images"])
-        truth = data.x_test[indices]
+        truth = data.x_test[indices].to(self.device)
         with torch.no_grad():
             features = defense(client(truth))
         if not torch.isfinite(features).all():
@@ -274,6 +280,7 @@ class Matrix:
         return CellResult(cell.key, cell.config, status, fields, +used)
 
     def _compute(self, cell: Cell) -> dict[str, Any]:
+        devices.use(self.device)  # deterministic algorithms on CUDA, before any CUDA work
         seed = cell["seed"]
         torch.manual_seed(seed)
         data = self.dataset(cell)
@@ -325,7 +332,8 @@ class Matrix:
         extra["evaluator"] = evaluation_note.get("evaluator")
         extra["dfil_method"] = fisher.method
         return {"status": "done", "accuracy": shared.accuracy, "per_image": per_image, "summary": summary,
-                "reconstruction": recon.images, "guarantee": defense.guarantee(), "diagnostics": diagnostics,
+                "reconstruction": recon.images.detach().cpu(), "guarantee": defense.guarantee(),
+                "diagnostics": diagnostics,
                 "extra": extra}
 
 
