@@ -60,6 +60,8 @@ class PEELPrior(Attack):
 
     base_knowledge = frozenset({Knowledge.CLIENT_WEIGHTS, Knowledge.AUXILIARY_DATA, Knowledge.QUERY_ACCESS})
     reports_block_errors = True
+    #: one decoder pass and one fit per sample; τ² comes from auxiliary images, never from the batch
+    batch_independent = True
 
     def __init__(self, adaptive: bool = True, prior_scale: NonNegative = 0.1, blockwise: bool = True,
                  max_iter: Count = 50, refine_iter: Count = 300, tv_weight: NonNegative = 0.0,
@@ -103,12 +105,12 @@ class PEELPrior(Attack):
         starts = {"decoder": decoded}
         diagnostics: dict[str, Any] = {"decoder_from_cache": from_cache, "decoder_train_losses": losses,
                                        "decoder_mse": tau2, "auxiliary_images": len(aux_images)}
-        blockwise_evals = torch.zeros(len(features), dtype=torch.long)
+        blockwise_evals = torch.zeros(len(features), dtype=torch.long, device="cpu")  # counts: on the CPU
         recovered: list[torch.Tensor] = []
         if self.blockwise:
             recovered, stage_diagnostics = self._peel().invert_stages(stages, observed, reading)
             starts["blockwise"] = recovered[0].clamp(0.0, 1.0)
-            blockwise_evals = torch.tensor([d["evaluations"] for d in stage_diagnostics]).sum(0)
+            blockwise_evals = torch.tensor([d["evaluations"] for d in stage_diagnostics], device="cpu").sum(0)
             diagnostics["stages"] = stage_diagnostics
         weight = self.prior_scale * noise_variance(reading) / max(tau2, 1e-12)
         left = None if self.max_seconds is None else max(self.max_seconds - (time.perf_counter() - start), 0.0)

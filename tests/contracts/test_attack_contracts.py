@@ -21,7 +21,8 @@ from leakbench.splitnn import ParameterError
 #: Budgets that keep each registered attack to about a second on the tiny cut; one not listed runs at its defaults.
 CHEAP = {"rmle": {"iterations": 3}, "peel": {"max_iter": 2, "block_iter": 2, "refine_iter": 3},
          "inverse_net": {"epochs": 1}, "shadow": {"epochs": 1, "iterations": 3},
-         "fora": {"substitute_epochs": 1, "decoder_epochs": 1}}
+         "fora": {"substitute_epochs": 1, "decoder_epochs": 1},
+         "peel_prior": {"epochs": 1, "max_iter": 2, "refine_iter": 3}}
 
 #: The attacks that claim a sample's reconstruction is independent of its batch (one independent solve or decoder
 #: pass per sample; the shadow and the decoder train on auxiliary data only). The claim belongs on the class
