@@ -8,6 +8,7 @@ from leakbench.attacks.peel import PEEL
 from leakbench.attacks.registry import attack_class, get, names, register
 from leakbench.attacks.rmle import RMLE
 from leakbench.attacks.shadow import Shadow
+from leakbench.attacks.unsplit import UnSplit  # registers "unsplit"
 
 __all__ = ["Attack", "AttackContext", "InverseNet", "Knowledge", "PublicDefense", "Reconstruction", "PEEL", "RMLE",
-           "Shadow", "attack_class", "get", "names", "register"]
+           "Shadow", "UnSplit", "attack_class", "get", "names", "register"]
