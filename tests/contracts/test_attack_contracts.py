@@ -3,7 +3,9 @@ module is collected): it runs on the context the runner builds from its declared
 (and an absent grant is a MissingContext naming it); its reconstruction has the image shape, is finite and lies
 in [0, 1] (the box ``Reconstruction`` promises for every attack); it records its budget with the same keys as
 every other; it takes no truth; bad parameters are refused naming the key; and a sample's reconstruction does
-not depend on the rest of its batch where the attack claims so."""
+not depend on the rest of its batch where the attack claims so; and an attack that does not declare the client's
+weights gives the same reconstruction whatever weights the client it is handed holds."""
+import copy
 import dataclasses
 import functools
 
@@ -14,7 +16,7 @@ from harness import bad_values, batch_gap, present_fields
 from leakbench import attacks, defenses
 from leakbench.attacks import InverseNet, PEEL, RMLE, Shadow
 from leakbench.attacks.base import BUDGET_KEYS, AttackContext
-from leakbench.contracts import GRANTS, MissingContext
+from leakbench.contracts import GRANTS, Knowledge, MissingContext
 from leakbench.evaluation.attack_context import attack_context
 from leakbench.splitnn import ParameterError
 
@@ -22,7 +24,8 @@ from leakbench.splitnn import ParameterError
 CHEAP = {"rmle": {"iterations": 3}, "peel": {"max_iter": 2, "block_iter": 2, "refine_iter": 3},
          "inverse_net": {"epochs": 1}, "shadow": {"epochs": 1, "iterations": 3},
          "fora": {"substitute_epochs": 1, "decoder_epochs": 1},
-         "peel_prior": {"epochs": 1, "max_iter": 2, "refine_iter": 3}}
+         "peel_prior": {"epochs": 1, "max_iter": 2, "refine_iter": 3},
+         "unsplit": {"rounds": 2, "image_steps": 2, "model_steps": 2}}
 
 #: The attacks that claim a sample's reconstruction is independent of its batch (one independent solve or decoder
 #: pass per sample; the shadow and the decoder train on auxiliary data only). The claim belongs on the class
@@ -161,3 +164,41 @@ def test_the_device_check_catches_a_tensor_made_without_a_device(tiny_cut):
     context = AttackContext(image_shape=tiny_cut.data.shape)
     assert attack.reconstruct(tiny_cut.client, tiny_cut.features, context).images.device.type == "cpu"
     assert device_stray(attack, tiny_cut.client, tiny_cut.features, context) != ""
+
+
+def scrambled(client: torch.nn.Module) -> torch.nn.Module:
+    """The client's architecture holding other weights (every float tensor scaled by 1.5 and shifted by 0.01;
+    BatchNorm variances stay positive)."""
+    other = copy.deepcopy(client)
+    with torch.no_grad():
+        for tensor in other.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.mul_(1.5).add_(0.01)
+    return other
+
+
+def reads_client_weights(attack: attacks.Attack, client, features, context) -> bool:
+    """Whether the reconstruction changes when the client handed to ``reconstruct`` holds other weights (the
+    context, built from the real client, is the same: queries still reach the real one)."""
+    outputs = []
+    for module in (client, scrambled(client)):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            outputs.append(attack.reconstruct(module, features, context).images)
+    return not torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("name", attack_cases())
+def test_an_attacker_without_client_weights_never_reads_them(name, tiny_cut):
+    """The threat model as an assertion: an attack that does not declare Knowledge.CLIENT_WEIGHTS uses the client
+    it is handed for its architecture only (a fresh copy, a shape), never for the values of its weights."""
+    attack, context = granted(name, tiny_cut)
+    if Knowledge.CLIENT_WEIGHTS in attack.knowledge:
+        pytest.skip(f"{name} declares the client's weights")
+    assert not reads_client_weights(attack, tiny_cut.client, tiny_cut.features, context)
+
+
+def test_the_weights_check_catches_an_attack_that_reads_them(tiny_cut):
+    """rMLE fits through the client's weights: the check sees it."""
+    attack, context = granted("rmle", tiny_cut)
+    assert reads_client_weights(attack, tiny_cut.client, tiny_cut.features, context)

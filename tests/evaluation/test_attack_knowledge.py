@@ -45,6 +45,8 @@ attacks:
   - {name: inverse_net, params: {epochs: 1}}
   - {name: shadow, params: {epochs: 1, iterations: 2}}
   - {name: fora, params: {substitute_epochs: 1, decoder_epochs: 1}}
+  - {name: unsplit, params: {rounds: 1, image_steps: 1, model_steps: 1}}
+  - {name: peel_prior, params: {epochs: 1, max_iter: 2, refine_iter: 2}}
 evaluation: {num_images: 2}
 """
 
@@ -65,12 +67,13 @@ def test_white_box_cells_are_not_applicable_behind_a_defense_that_denies_client_
     with ResultStore(tmp_path / "r.sqlite") as store:
         Matrix(config, progress=False).run(store)
         cells = store.cells().set_index("attack")
-    for white_box in ("rmle", "peel"):
+    for white_box in ("rmle", "peel", "peel_prior"):
         assert cells.loc[white_box, "status"] == "not_applicable"
         assert "client_weights" in cells.loc[white_box, "reason"]
     assert cells.loc["inverse_net", "status"] == "done"  # black box: queries and auxiliary data
     assert cells.loc["shadow", "status"] == "done"       # query-free: server half and auxiliary data
     assert cells.loc["fora", "status"] == "done"         # auxiliary data and the observed features only
+    assert cells.loc["unsplit", "status"] == "done"      # the architecture only
 
 
 def test_denied_reads_the_declared_knowledge():
@@ -92,6 +95,9 @@ def test_context_follows_knowledge_and_auxiliary_data_is_half_the_training_set()
                                                                         "auxiliary", "server"}
     assert present(attack_context(attacks.get("fora"), **common)) == {"image_shape", "cache_dir", "cache_key",
                                                                       "auxiliary"}
+    assert present(attack_context(attacks.get("unsplit"), **common)) == {"image_shape", "cache_dir", "cache_key"}
+    assert present(attack_context(attacks.get("peel_prior"), **common)) == {
+        "image_shape", "cache_dir", "cache_key", "auxiliary", "query", "defense"}
     assert attack_context(attacks.get("peel"), **common).defense is None
     aware = attack_context(attacks.get("peel", adaptive=True), **common).defense
     assert aware == PublicDefense("gaussian_noise", "transform", {"scale": 0.5, "relative": True}, type(noise))
