@@ -150,7 +150,7 @@ def test_bad_models_and_weights_stop_at_validation_naming_the_key(tmp_path, caps
 
 def test_the_device_is_resolved_checked_and_recorded(tmp_path, capsys):
     assert devices.resolve("cpu") == ("cpu", None)
-    assert devices.resolve("auto")[0] == "cpu"  # cells run on the CPU (CUDA is not implemented yet)
+    assert devices.resolve("auto")[0] == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="device: got 'tpu', expected"):
         load_config(_config(tmp_path, USER, "device: tpu"))
     if not torch.cuda.is_available():
@@ -159,6 +159,10 @@ def test_the_device_is_resolved_checked_and_recorded(tmp_path, capsys):
         assert load_config(_config(tmp_path, USER, "device: cuda"), device="cpu").device == "cpu"
         with pytest.raises(ConfigError, match="--device: got 'cuda:1'"):
             load_config(_config(tmp_path, USER), device="cuda:1")
+    else:
+        assert load_config(_config(tmp_path, USER, "device: cuda")).device == "cuda"
+        with pytest.raises(ConfigError, match=f"--device: got 'cuda:{torch.cuda.device_count()}'"):
+            load_config(_config(tmp_path, USER), device=f"cuda:{torch.cuda.device_count()}")
     config = _config(tmp_path, "{factory: 'test_user_models:build', train: {epochs: 1}}", "device: auto")
     assert main(["run", str(config), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"]) == 0
     with sqlite3.connect(tmp_path / "out" / "results.sqlite") as db:
