@@ -1,6 +1,6 @@
 """Defenses that stand between the client and the server half."""
-from leakbench.defenses import (dp_sgd, learned_noise, noise, nopeek, projection, pruning,  # noqa: F401
-                                sparsify, vib)  # (register the defenses)
+from leakbench.defenses import (adversarial, disco, dp_sgd, learned_noise, noise, nopeek,  # noqa: F401
+                                projection, pruning, sparsify, vib)  # (register the defenses)
 from leakbench.defenses.base import Defense, FeatureDefense, TrainingDefense
 from leakbench.defenses.registry import defense_class, get, hooks_for, names, register, unregister
 

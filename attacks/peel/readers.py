@@ -11,6 +11,7 @@ import torch
 
 from leakbench.attacks.base import PublicDefense
 from leakbench.attacks.peel.observation import Exact, Masked, Noisy, Quantized, Unmodelled
+from leakbench.defenses.disco import Disco
 from leakbench.defenses.noise import FeatureDP, GaussianNoise, LaplaceNoise, NoDefense
 from leakbench.defenses.pruning import Pruning
 from leakbench.defenses.sparsify import CutDropout, Quantization, TopK
@@ -91,10 +92,11 @@ def _feature_dp(defense: PublicDefense, y: torch.Tensor) -> Exact:
                  "forward model", sigma=sigma, clip=dp.clip_features)
 
 
-@register_reader(Pruning)
+@register_reader(Pruning, Disco)
 def _pruning(defense: PublicDefense, y: torch.Tensor) -> Exact:
-    # The pruned channels are not public (the defense chose them on training data); in the observation they
-    # are zero throughout. Read per sample (a channel zero in the whole sample), so samples stay independent.
+    # The pruned channels are not public (the defense chose them on training data; DISCO's pruning network, its
+    # secret state, chooses them per sample); in the observation they are zero throughout. Read per sample (a
+    # channel zero in the whole sample), so samples stay independent, and DISCO's per-sample masks are read too.
     if int(float(defense.params.get("ratio", 0.0)) * y.shape[1]) == 0:  # as many channels as it removes
         return Exact(y, defense.name, "no channel pruned: exact fit")
     released = y.flatten(2).ne(0).any(dim=2) if y.dim() > 2 else y.ne(0)   # (B, C)
