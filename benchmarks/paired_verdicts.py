@@ -7,6 +7,10 @@ beside each side's mean and worst case. Run, e.g.:
 
     .venv/bin/python benchmarks/paired_verdicts.py results/paper/peel_vs_rmle_small \
         --a peel --b rmle:loss=plain --b rmle:loss=relu_consistency --metric psnr
+
+With ``--best``, one more table: per (model, cut, defense), A against whichever B leaked most there (the
+highest mean; the lowest for a metric where lower leaks more), named in ``best_b``: is A at least as strong as
+the best single one of them?
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import pandas as pd
 import yaml
 
 from leakbench.evaluation.compare import compare
+from leakbench.evaluation.metrics import IMAGE_METRICS
 from leakbench.evaluation.export import find_store
 from leakbench.evaluation.store import ResultStore, current_rows
 
@@ -59,18 +64,34 @@ def main() -> None:
     parser.add_argument("--a", required=True, help="variant A, NAME[:key=value,...]")
     parser.add_argument("--b", required=True, action="append", help="variant B (repeatable)")
     parser.add_argument("--metric", default="psnr")
+    parser.add_argument("--best", action="store_true", help="also A against the best B of each cell group")
     args = parser.parse_args()
     with ResultStore(find_store(args.results), read_only=True) as store:
         cells, images = current_rows(store.cells()), store.images()
     print(f"Per variant: means over seeds of each cell's mean {args.metric}, worst case (PSNR p95, share "
           f"recognised), end-to-end and block-wise evaluations per image, and wall time per cell (s)\n")
     print(sides(cells, [args.a, *args.b], args.metric).to_markdown(index=False, floatfmt=".3g"))
+    columns = ["model", "cut", "defense", "defense_params", "n_pairs", "n_seeds", "mean_a", "mean_b",
+               "mean_difference", "low", "high", "verdict"]
+    tables = []
     for b in args.b:
-        table = compare(images, cells, variant(args.a), variant(b), args.metric)
-        table = table[["model", "cut", "defense", "n_pairs", "n_seeds", "mean_a", "mean_b", "mean_difference",
-                       "low", "high", "verdict"]]
+        table = compare(images, cells, variant(args.a), variant(b), args.metric)[columns]
+        tables.append(table.assign(best_b=b))
         print(f"\nA = {args.a}, B = {b}: {args.metric}, A - B over paired (seed, image)\n")
-        print(table.to_markdown(index=False, floatfmt=".3g"))
+        print(table.drop(columns="defense_params").to_markdown(index=False, floatfmt=".3g"))
+    if args.best:
+        print(f"\nA = {args.a} against the best B of each group: {args.metric}, A - B over paired (seed, image)\n")
+        print(best_of(pd.concat(tables), higher_leaks=IMAGE_METRICS.get(args.metric, True)).to_markdown(
+            index=False, floatfmt=".3g"))
+
+
+def best_of(tables: pd.DataFrame, higher_leaks: bool = True) -> pd.DataFrame:
+    """Per (model, cut, defense, defense_params), the row of the B with the most leakage (its mean)."""
+    order = tables.sort_values("mean_b", ascending=not higher_leaks, kind="stable")
+    best = order.drop_duplicates(["model", "cut", "defense", "defense_params"], keep="first")
+    return best.sort_values(["model", "cut", "defense", "defense_params"])[
+        ["model", "cut", "defense", "defense_params", "best_b", "n_pairs", "mean_a", "mean_b", "mean_difference",
+         "low", "high", "verdict"]]
 
 
 if __name__ == "__main__":
