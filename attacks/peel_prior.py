@@ -12,9 +12,16 @@ mean squared error per pixel on auxiliary images. Multiplying a Gaussian likelih
 Gaussian prior ||x - d||² / 2τ² by σ² gives that weight, so the weight follows the noise: where the release is exact
 the fit trusts the features, and the noisier they are the closer it stays to the decoder (``prior_scale``
 rescales it; its default was chosen on the validation slice).
+
+σ is the reader's (``attacks.peel.readers``) where the defense has a noise model. Where the reader says the
+release is exact, or has no model of the defense, while the queries on auxiliary images show it departs from
+the client's own features (``vib``'s noise, a secret ``random_projection``), the departure's measured relative
+power r² is read as noise of that power (``measured_noise``): the fit then stays near the decoder as far as the
+features through the known client fail to describe the release.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -26,16 +33,19 @@ from leakbench.attacks.base import Attack, AttackContext, Dtype, Evaluations, Kn
 from leakbench.attacks.inverse_net import InverseNet
 from leakbench.attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, relative_residual
 from leakbench.attacks.peel.attack import PEEL
-from leakbench.attacks.peel.chain import chain, end_to_end_loss
-from leakbench.attacks.peel.observation import Exact
+from leakbench.attacks.peel.chain import chain, end_to_end_loss, pre_relu_forward
+from leakbench.attacks.peel.observation import Exact, Noisy
 from leakbench.attacks.peel.readers import read_defense
 from leakbench.attacks.peel.stages import Stage, extract_stages
-from leakbench.attacks.priors import Loss, combined, least_norm
+from leakbench.attacks.priors import combined, least_norm
 from leakbench.attacks.registry import register
+from leakbench.splitnn.batch import per_sample
 from leakbench.splitnn.params import Count, NonNegative, Positive, PositiveCount, Seconds, Seed
 
-#: Auxiliary images on which the decoder's error τ² is measured (through a fresh query of the defense).
+#: Auxiliary images on which the decoder's error τ² and the release's mismatch are measured (fresh queries).
 PRIOR_SAMPLES = 256
+#: A relative mismatch power below this is float rounding of an exact release (float32 features: ~1e-14).
+MISMATCH_TOLERANCE = 1e-8
 
 
 @register("peel_prior")
@@ -102,9 +112,13 @@ class PEELPrior(Attack):
         observed = features.detach().to(dtype)
         stages = extract_stages(client, shape, dtype)
         reading = read_defense(context.require("defense", by=self), observed) if self.adaptive else Exact(observed)
+        mismatch = release_mismatch(client, aux_images, query)
+        if self.adaptive:
+            reading = measured_noise(reading, mismatch)
         starts = {"decoder": decoded}
         diagnostics: dict[str, Any] = {"decoder_from_cache": from_cache, "decoder_train_losses": losses,
-                                       "decoder_mse": tau2, "auxiliary_images": len(aux_images)}
+                                       "decoder_mse": tau2, "release_mismatch": mismatch,
+                                       "auxiliary_images": len(aux_images)}
         blockwise_evals = torch.zeros(len(features), dtype=torch.long, device="cpu")  # counts: on the CPU
         recovered: list[torch.Tensor] = []
         if self.blockwise:
@@ -119,7 +133,7 @@ class PEELPrior(Attack):
         seconds = time.perf_counter() - start
         diagnostics.update({
             "adaptive": reading.diagnostics() if self.adaptive else None,
-            "prior_weight_mean": float(weight.mean()) if isinstance(weight, torch.Tensor) else float(weight),
+            "prior_weight_mean": float(weight.mean()),
             "refine_start": fit.chosen, "refine_objectives": {k: float(v.mean()) for k, v in fit.scores.items()},
             "decoder_residual": relative_residual(forward, decoded, observed),
             "refined_residual": relative_residual(forward, fit.x, observed),
@@ -130,31 +144,54 @@ class PEELPrior(Attack):
                               intermediates=[r.detach() for r in recovered])
 
     def _refine(self, stages: list[Stage], reading: Exact, starts: dict[str, torch.Tensor], decoded: torch.Tensor,
-                weight: torch.Tensor | float, max_seconds: float | None) -> MultiStartFit:
+                weight: torch.Tensor, max_seconds: float | None) -> MultiStartFit:
         """The end-to-end MAP fit from each start; per sample the one with the lower objective wins."""
         forward = chain(stages)
         if reading.changes_fit:
-            head, last = chain(stages[:-1]), stages[-1].pre_relu
-            data = reading.data_loss(forward, (lambda x: last(head(x))) if last is not None else None)
+            data = reading.data_loss(forward, pre_relu_forward(stages))
         else:
             data = end_to_end_loss(stages, reading.observed)
         tv = reading.image_prior(self.tv_weight, self.tv_prior)
-        pull: Loss | None = None
-        if isinstance(weight, torch.Tensor) or weight > 0:
-            pull = least_norm(weight.to(decoded.dtype) if isinstance(weight, torch.Tensor) else weight, decoded)
-        regulariser = combined(tv, pull) if tv is not None else pull
+        pull = least_norm(weight.to(decoded.dtype), decoded) if bool(weight.gt(0).any()) else None
+        regulariser = combined(tv, pull) if tv is not None and pull is not None else (tv or pull)
         return fit_from_starts(forward, reading.observed, starts, score=combined(data, regulariser),
                                max_evals=self.max_evaluations, max_seconds=max_seconds, lower=0.0, upper=1.0,
                                max_iter=self.refine_iter, regulariser=regulariser, data_loss=data,
                                history=END_TO_END_HISTORY)
 
 
-def noise_variance(reading: Exact) -> torch.Tensor | float:
-    """σ² per sample, shape (B,), of an observation model with noise (``Noisy``, ``Quantized``'s rounding), else 0."""
+def noise_variance(reading: Exact) -> torch.Tensor:
+    """σ² per sample, shape (B,), of an observation model with noise (``Noisy``, ``Quantized``'s rounding); zeros
+    for an exact or masked reading."""
     sigma = getattr(reading, "sigma", None)
     if sigma is None:
-        return 0.0
+        return torch.zeros(len(reading.observed), dtype=reading.observed.dtype, device=reading.observed.device)
     return sigma.flatten(1)[:, 0].pow(2).expand(len(reading.observed)).clone()
+
+
+@torch.no_grad()
+def release_mismatch(client: nn.Module, images: torch.Tensor, query: Any) -> float:
+    """r² = E||release(x) - client(x)||² / E||client(x)||² on (at most ``PRIOR_SAMPLES``) auxiliary images: how far
+    the defense's release is from the client's own features, measured through the query oracle and the client's
+    weights (both known to this attacker). 0 for an exact release."""
+    sample = images[:PRIOR_SAMPLES]
+    clean = client(sample).float()
+    released = query(sample).float()
+    return float((released - clean).pow(2).sum() / clean.pow(2).sum().clamp_min(1e-30))
+
+
+def measured_noise(reading: Exact, mismatch: float) -> Exact:
+    """A reading that says the release is exact, or has no model of it, while the queries show it is not
+    (``release_mismatch`` above ``MISMATCH_TOLERANCE``): read as noise of that measured relative power instead,
+    σ_b = r · (clean RMS of sample b), so the fit is weighted toward the decoder as far as the release departs
+    from the client (``learned_noise``'s gains, ``vib``'s sigma, a secret projection)."""
+    if reading.changes_fit or mismatch <= MISMATCH_TOLERANCE:
+        return reading
+    y, r = reading.observed, math.sqrt(mismatch)
+    rms = y.flatten(1).pow(2).mean(dim=1).sqrt() / math.sqrt(1 + mismatch)  # E||y||² = ||f||²(1 + r²)
+    note = (f"{reading.note}; the queried release departs from the client's features by relative power "
+            f"{mismatch:.3g}: read as noise of that power")
+    return Noisy(y, reading.defense, note, sigma=per_sample(r * rms, y))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from leakbench.defenses.base import TrainingDefense
+from leakbench.defenses.nopeek import CutTap
 from leakbench.defenses.registry import register
 from leakbench.splitnn.params import NonNegative, Positive, PositiveCount, Seed
 from leakbench.splitnn.split import split
@@ -71,19 +72,6 @@ def frozen_reconstruction_error(adversary: nn.Module, features: torch.Tensor, im
     return F.mse_loss(functional_call(adversary, params, (features,)), images)
 
 
-class _Obfuscated(nn.Module):
-    """``server(client(x))`` (exactly the model's output) that keeps the features at the cut of its last call."""
-
-    def __init__(self, client: nn.Module, server: nn.Module):
-        super().__init__()
-        self.client, self.server = client, server
-        self.features: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.features = self.client(x)
-        return self.server(self.features)
-
-
 @register("adversarial")
 class Adversarial(TrainingDefense):
     """Trains the model with ``cross_entropy - weight * MSE(adversary(client(x)), x)`` on every batch, against a
@@ -130,13 +118,13 @@ class Adversarial(TrainingDefense):
         self._adversary = seeded_adversary(feature_shape, tuple(image.shape[1:]), self.hidden, self.seed, device)
         self._adversary_optimizer = torch.optim.Adam(self._adversary.parameters(), lr=self.adversary_lr)
         self._errors, self._steps_per_epoch = [], max(1, len(loader))
-        return _Obfuscated(client, server), optimizer, loader
+        return CutTap(client, server), optimizer, loader
 
     def loss_term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   outputs: torch.Tensor) -> torch.Tensor | None:
         if self.weight == 0 or self._adversary is None:
             return None
-        features = cast(torch.Tensor, cast(_Obfuscated, model).features)  # this batch's, from wrap()'s module
+        features = cast(torch.Tensor, cast(CutTap, model).features)  # this batch's, from wrap()'s module
         optimizer = cast(torch.optim.Optimizer, self._adversary_optimizer)
         for _ in range(self.adversary_steps):
             adversary_step(self._adversary, optimizer, features, x)

@@ -30,8 +30,9 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -
     return (dcov_xy.clamp_min(0) / dvar.sqrt().clamp_min(eps)).clamp_min(eps).sqrt()
 
 
-class _Tap(nn.Module):
-    """``server(client(x))`` (exactly the model's output) that keeps the features at the cut of its last call."""
+class CutTap(nn.Module):
+    """``server(client(x))`` (exactly the model's output) that keeps the features at the cut of its last call: a
+    training defense's wrapped model, whose loss term then reads this batch's features without a second pass."""
 
     def __init__(self, client: nn.Module, server: nn.Module):
         super().__init__()
@@ -64,11 +65,11 @@ class NoPeek(TrainingDefense):
         if self.cut is None:
             raise ValueError("nopeek needs the cut at which to penalise the features")
         self._penalties, self._steps_per_epoch = [], max(1, len(loader))
-        return _Tap(*split(model, self.cut)), optimizer, loader
+        return CutTap(*split(model, self.cut)), optimizer, loader
 
     def loss_term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   outputs: torch.Tensor) -> torch.Tensor | None:
-        # the loop's model is the _Tap that wrap() returned, its features those of this batch's forward pass
+        # the loop's model is the CutTap that wrap() returned, its features those of this batch's forward pass
         penalty = distance_correlation(x, cast(torch.Tensor, model.features))
         self._penalties.append(float(penalty.detach()))
         return self.alpha * penalty

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from leakbench.attacks.optim import END_TO_END_HISTORY, MultiStartFit, fit_from_starts, fit_input
-from leakbench.attacks.peel.chain import chain
+from leakbench.attacks.peel.chain import chain, pre_relu_forward
 from leakbench.attacks.peel.observation import Exact
 from leakbench.attacks.peel.readers import read_defense, register_reader
 from leakbench.attacks.peel.solver import warm_start
@@ -48,11 +48,9 @@ def refine_adaptive(stages: list[Stage], reading: Exact, starts: dict[str, torch
                     max_seconds: float | None = None) -> MultiStartFit:
     """End-to-end fits of the image through every stage under the reading, one per start; per sample the fit
     with the lower objective (data term plus prior) wins, since the bare residual rewards fitting the noise."""
-    forward, head = chain(stages), chain(stages[:-1])
-    last = stages[-1].pre_relu
-    pre_relu = (lambda x: last(head(x))) if last is not None else None
+    forward = chain(stages)
     prior = reading.image_prior(tv_weight, tv_prior)
-    loss = reading.data_loss(forward, pre_relu)
+    loss = reading.data_loss(forward, pre_relu_forward(stages))
     return fit_from_starts(forward, reading.observed, starts, score=combined(loss, prior), max_evals=max_evals,
                            max_seconds=max_seconds, lower=0.0, upper=1.0, max_iter=iterations, regulariser=prior,
                            data_loss=loss, history=END_TO_END_HISTORY)

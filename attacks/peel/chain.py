@@ -18,14 +18,23 @@ def chain(stages: list[Stage]) -> Forward:
     return forward
 
 
+def pre_relu_forward(stages: list[Stage]) -> Forward | None:
+    """The client half up to its final ReLU's input, when it ends in one (else None): what the fits that read the
+    released zeros as inequalities evaluate."""
+    last = stages[-1].pre_relu
+    if last is None:
+        return None
+    head = chain(stages[:-1])
+    return lambda x: last(head(x))
+
+
 def end_to_end_loss(stages: list[Stage], observed: torch.Tensor) -> Loss:
     """PEEL's refinement loss, per sample: ``relu_consistency`` when the client ends in a ReLU (its zeros as
     inequalities, smooth where the pre-activation is still negative), else the plain squared error."""
-    last = stages[-1].pre_relu
-    if last is None:
+    pre_relu = pre_relu_forward(stages)
+    if pre_relu is None:
         return squared_error(chain(stages), observed)
-    head = chain(stages[:-1])
-    return relu_consistency(lambda x: last(head(x)), observed)
+    return relu_consistency(pre_relu, observed)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import torch
 from leakbench.attacks.base import PublicDefense
 from leakbench.attacks.peel.observation import Exact, Masked, Noisy, Quantized, Unmodelled
 from leakbench.defenses.disco import Disco
+from leakbench.defenses.learned_noise import LearnedNoise
 from leakbench.defenses.noise import FeatureDP, GaussianNoise, LaplaceNoise, NoDefense
 from leakbench.defenses.pruning import Pruning
 from leakbench.defenses.sparsify import CutDropout, Quantization, TopK
@@ -66,8 +67,10 @@ def _none(defense: PublicDefense, y: torch.Tensor) -> Exact:
     return Exact(y, "none", "no defense: exact fit")
 
 
-@register_reader(GaussianNoise, LaplaceNoise)
+@register_reader(GaussianNoise, LaplaceNoise, LearnedNoise)
 def _scaled_noise(defense: PublicDefense, y: torch.Tensor) -> Exact:
+    # learned_noise: its gains are secret but have mean(w²) = 1, so it has gaussian_noise's power at its scale;
+    # read as isotropic noise of that power (the gains' shape is not modelled)
     name, params = defense.name, defense.params
     scale = float(params["scale"])
     if scale == 0:

@@ -4,8 +4,8 @@ import torch
 
 from leakbench import attacks, defenses
 from leakbench.attacks.base import AttackContext, Knowledge, PublicDefense
-from leakbench.attacks.peel.observation import Exact
-from leakbench.attacks.peel_prior import noise_variance
+from leakbench.attacks.peel.observation import Exact, Masked, Noisy, Unmodelled
+from leakbench.attacks.peel_prior import MISMATCH_TOLERANCE, measured_noise, noise_variance, release_mismatch
 from leakbench.evaluation.attack_context import auxiliary_split, query_oracle
 
 
@@ -71,7 +71,47 @@ def test_peel_prior_knowledge_and_map_weight(setting):
                                 Knowledge.DEFENSE}
     assert Knowledge.DEFENSE not in attacks.get("peel_prior", adaptive=False).knowledge
     y = torch.ones(3, 4)
-    assert noise_variance(Exact(y)) == 0.0
-    from leakbench.attacks.peel.observation import Noisy
+    assert torch.equal(noise_variance(Exact(y)), torch.zeros(3))
     sigma = torch.tensor([[0.1], [0.2], [0.3]])
     assert torch.allclose(noise_variance(Noisy(y, sigma=sigma)), sigma.flatten() ** 2)
+
+
+def test_release_mismatch_measures_the_noise_power_through_queries(setting):
+    """r² through the query oracle: 0 for the exact release, the relative noise power s² for relative noise."""
+    data, client = setting
+    images = data.x_train[:256]
+    assert release_mismatch(client, images, query_oracle(client, defenses.get("none"), 0)) < MISMATCH_TOLERANCE
+    noisy = release_mismatch(client, images, query_oracle(client, defenses.get("gaussian_noise", scale=0.5), 0))
+    assert abs(noisy - 0.25) < 0.02
+
+
+def test_measured_noise_replaces_only_readings_that_claim_an_exact_release():
+    """An exact or unmodelled reading contradicted by the queries becomes noise of the measured relative power;
+    a reading with its own model (noise, mask) and an exact release measured exact stay as they are."""
+    torch.manual_seed(0)
+    y = torch.randn(4, 3, 5, 5)
+    unmodelled = Unmodelled(y, "random_projection", "no reader")
+    read = measured_noise(unmodelled, 0.25)
+    assert isinstance(read, Noisy) and torch.allclose(read.relative_noise, torch.full((4,), 0.5), rtol=1e-5)
+    assert type(measured_noise(Exact(y), 1e-12)) is Exact
+    masked = Masked(y, "cut_dropout", mask=y.ne(0))
+    noisy = Noisy(y, sigma=torch.full((4, 1, 1, 1), 0.1))
+    assert measured_noise(masked, 0.5) is masked and measured_noise(noisy, 0.5) is noisy
+
+
+def test_peel_prior_stays_near_its_decoder_behind_a_secret_projection(small_split, tmp_path):
+    """random_projection has no PEEL reader and its rotation is secret: an exact fit through the known client
+    chases the wrong features. Read as noise of the measured mismatch, the fit is pulled toward the decoder's
+    image: here about 19x its MSE at the tuned prior_scale 0.1, against about 330x with the mismatch ignored
+    (MISMATCH_TOLERANCE set to inf), the reading before this check existed."""
+    data, client = small_split.data, small_split.client
+    defense = defenses.get("random_projection", finetune_epochs=0, samples=64)
+    defense.fit(client, small_split.server, data.x_train, data.y_train)
+    x = data.x_test[:6]
+    with torch.no_grad():
+        features = defense(client(x))
+    rec = attacks.get("peel_prior", epochs=6, refine_iter=60, max_iter=20).reconstruct(
+        client, features, _context(data, client, defense, tmp_path))
+    assert rec.diagnostics["release_mismatch"] > 0.5
+    ratio = _mse(rec.images, x).mean() / _mse(rec.alternatives["decoder"], x).mean()
+    assert float(ratio) < 60

@@ -189,3 +189,19 @@ def test_a_training_defense_without_a_reader_is_read_as_exact():
     assert reading.kind == "exact" and not reading.changes_fit and "training defense" in reading.note
     unknown = read_defense(PublicDefense("some_transform", "transform", {}), y)
     assert unknown.diagnostics()["model"] == "unknown" and "plain PEEL" in unknown.note
+
+
+def test_learned_noise_is_read_as_noise_of_its_public_power(small_split):
+    """learned_noise's gains are secret, but their mean power is 1: the reader gives noise at its public scale,
+    its σ estimated per sample from the observed RMS as for relative Gaussian noise."""
+    data, client, server = small_split.data, small_split.client, small_split.server
+    defense = defenses.get("learned_noise", scale=0.5, epochs=1, samples=256)
+    defense.fit(client, server, data.x_train, data.y_train)
+    with torch.no_grad():
+        clean = client(data.x_test[:16])
+        observed = defense(clean)
+    reading = read_defense(PublicDefense.of(defense), observed)
+    assert isinstance(reading, Noisy)
+    true_sigma = 0.5 * clean.flatten(1).pow(2).mean(dim=1).sqrt()
+    assert torch.allclose(reading.sigma.flatten(), true_sigma, rtol=0.1)
+    assert float(reading.relative_noise.mean()) == pytest.approx(0.5, rel=0.1)

@@ -1,0 +1,1 @@
+/work/main/leakbench/__init__.py
