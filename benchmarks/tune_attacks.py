@@ -35,6 +35,8 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "inverse_net": {"lr": [0.001, 0.002, 0.005], "hidden": [32, 64]},
     # the decoder's own parameters are inverse_net's chosen ones; prior_scale 1 is the Gaussian MAP weight
     "peel_prior": {"tv_weight": [0.0, 0.03], "prior_scale": [0.1, 1.0, 3.0]},
+    # FORA's adversarial term (0: the MMD alone) and how long the substitute is fitted
+    "fora": {"discriminator_weight": [0.0, 0.1, 1.0], "substitute_epochs": [10, 20]},
 }
 CANDIDATES = 6
 SETTINGS = [("layer2", "none", {}), ("layer2", "gaussian_noise", {"scale": 0.1, "relative": True}),

@@ -34,7 +34,7 @@ def test_fora_beats_the_mean_image_and_its_substitute_shares_nothing_with_the_ta
     rec = attack.reconstruct(client, features, context)
     baseline = _mse(aux[0].mean(dim=0, keepdim=True).expand_as(x), x)
     assert rec.images.shape == x.shape and 0 <= float(rec.images.min()) <= float(rec.images.max()) <= 1
-    # measured 0.16x; at the defaults (10 and 15 epochs) 0.08x; an untrained substitute (0 epochs) 5.0x
+    # measured 0.16x (at 10 and 15 epochs, the MMD alone: 0.08x); an untrained substitute (0 epochs) 5.0x
     assert _mse(rec.images, x) < 0.3 * baseline
     losses = rec.diagnostics["train_losses"]["substitute"]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]  # the MMD to the observed features falls
@@ -105,3 +105,25 @@ def test_mk_mmd_is_the_direct_sum_of_gaussian_kernels():
     assert float(mk_mmd(x, y, kernels=3)) == pytest.approx(reference, rel=1e-10)
     assert float(mk_mmd(x, x)) == pytest.approx(0.0, abs=1e-12)
     assert float(mk_mmd(x, y + 3)) > float(mk_mmd(x, y)) > 0
+
+
+def test_fora_discriminator_is_trained_against_the_substitute(setting, tmp_path, monkeypatch):
+    """With discriminator_weight > 0 a critic steps once per substitute step, on the observed features against
+    the substitute's; at 0 none is built. The substitute's losses then carry the adversarial term."""
+    import leakbench.attacks.fora as fora
+    data, client, aux = setting
+    with torch.no_grad():
+        features = client(data.x_test[:8])
+    steps = []
+    real_step = fora.critic_step
+    monkeypatch.setattr(fora, "critic_step", lambda *a: steps.append(real_step(*a)) or steps[-1])
+    small = (aux[0][:128], aux[1][:128])
+    context = AttackContext(image_shape=data.shape, auxiliary=small)
+    plain = attacks.get("fora", substitute_epochs=2, decoder_epochs=1, discriminator_weight=0.0).reconstruct(
+        client, features, context)
+    assert steps == []
+    adversarial = attacks.get("fora", substitute_epochs=2, decoder_epochs=1, discriminator_weight=1.0).reconstruct(
+        client, features, context)
+    assert len(steps) == 2 * math.ceil(128 / 64) and all(math.isfinite(v) for v in steps)
+    assert adversarial.diagnostics["train_losses"]["substitute"] != plain.diagnostics["train_losses"]["substitute"]
+    assert attacks.get("fora", discriminator_weight=1.0).knowledge == {Knowledge.AUXILIARY_DATA}
