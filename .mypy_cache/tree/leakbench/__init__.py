@@ -1,1 +1,0 @@
-/work/main/leakbench/__init__.py
