@@ -33,8 +33,9 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "peel": {"tv_weight": [0.0, 0.03, 0.3], "also_from_grey": [True, False]},
     "rmle": {"tv_weight": [0.0, 0.03, 0.3], "starts": [["grey"], ["zeros"]]},
     "inverse_net": {"lr": [0.001, 0.002, 0.005], "hidden": [32, 64]},
-    # the decoder's own parameters are inverse_net's chosen ones; prior_scale 1 is the Gaussian MAP weight
-    "peel_prior": {"tv_weight": [0.0, 0.03], "prior_scale": [0.1, 1.0, 3.0]},
+    # the decoder's own parameters are inverse_net's chosen ones; prior_scale 1 is the Gaussian MAP weight;
+    # calibration 0 is the fit as it is (tv_weight 0 was chosen against 0.03 by the grid before calibration)
+    "peel_prior": {"prior_scale": [0.1, 1.0, 3.0], "calibration": [0, 8]},
     # FORA's adversarial term (0: the MMD alone) and how long the substitute is fitted
     "fora": {"discriminator_weight": [0.0, 0.1, 1.0], "substitute_epochs": [10, 20]},
 }

@@ -1,11 +1,14 @@
 """The hybrid attacker: the inverse network's decoder as start and prior, refined through the client."""
+import dataclasses
+
 import pytest
 import torch
 
 from leakbench import attacks, defenses
 from leakbench.attacks.base import AttackContext, Knowledge, PublicDefense
 from leakbench.attacks.peel.observation import Exact, Masked, Noisy, Unmodelled
-from leakbench.attacks.peel_prior import MISMATCH_TOLERANCE, measured_noise, noise_variance, release_mismatch
+from leakbench.attacks.peel_prior import (MISMATCH_TOLERANCE, Shrinkage, measured_noise, noise_variance,
+                                         release_mismatch)
 from leakbench.evaluation.attack_context import auxiliary_split, query_oracle
 
 
@@ -36,10 +39,11 @@ def test_peel_prior_improves_on_its_decoder_start(setting, tmp_path, name, param
     with torch.no_grad():
         features = defense(client(x))
     # the Gaussian MAP weight (prior_scale 1): at the tuned 0.1 this small fit overshoots the decoder under noise
-    rec = attacks.get("peel_prior", epochs=6, refine_iter=60, max_iter=20, prior_scale=1.0).reconstruct(
-        client, features, _context(data, client, defense, tmp_path))
+    rec = attacks.get("peel_prior", epochs=6, refine_iter=60, max_iter=20, prior_scale=1.0,
+                      calibration=0).reconstruct(client, features, _context(data, client, defense, tmp_path))
     decoded = rec.alternatives["decoder"]
     assert rec.images.shape == x.shape and float(rec.images.min()) >= 0 and float(rec.images.max()) <= 1
+    assert torch.equal(rec.images, rec.alternatives["refined"])  # no calibration images: the fit as it is
     gain = _mse(decoded, x) / _mse(rec.images, x)
     weight = rec.diagnostics["prior_weight_mean"]
     if name == "none":
@@ -80,9 +84,10 @@ def test_release_mismatch_measures_the_noise_power_through_queries(setting):
     """r² through the query oracle: 0 for the exact release, the relative noise power s² for relative noise."""
     data, client = setting
     images = data.x_train[:256]
-    assert release_mismatch(client, images, query_oracle(client, defenses.get("none"), 0)) < MISMATCH_TOLERANCE
-    noisy = release_mismatch(client, images, query_oracle(client, defenses.get("gaussian_noise", scale=0.5), 0))
-    assert abs(noisy - 0.25) < 0.02
+    exact = query_oracle(client, defenses.get("none"), 0)(images)
+    assert release_mismatch(client, images, exact) < MISMATCH_TOLERANCE
+    noisy = query_oracle(client, defenses.get("gaussian_noise", scale=0.5), 0)(images)
+    assert abs(release_mismatch(client, images, noisy) - 0.25) < 0.02
 
 
 def test_measured_noise_replaces_only_readings_that_claim_an_exact_release():
@@ -113,5 +118,60 @@ def test_peel_prior_stays_near_its_decoder_behind_a_secret_projection(small_spli
     rec = attacks.get("peel_prior", epochs=6, refine_iter=60, max_iter=20).reconstruct(
         client, features, _context(data, client, defense, tmp_path))
     assert rec.diagnostics["release_mismatch"] > 0.5
-    ratio = _mse(rec.images, x).mean() / _mse(rec.alternatives["decoder"], x).mean()
-    assert float(ratio) < 60
+    decoder = _mse(rec.alternatives["decoder"], x).mean()
+    assert float(_mse(rec.alternatives["refined"], x).mean() / decoder) < 60
+    # calibrated on auxiliary images, the blend keeps (nearly) the decoder's image
+    calibration = rec.diagnostics["calibration"]
+    assert calibration["alpha"] < 0.2 and calibration["blend_mse"] <= calibration["decoder_mse"]
+    assert float(_mse(rec.images, x).mean() / decoder) < 1.5
+
+
+def test_the_blend_weight_is_the_least_squares_choice_clipped_to_the_segment():
+    """α minimises ||truth - (decoder + α (fit - decoder))||² over the calibration images: checked against a fine
+    grid, and clipped to [0, 1] where the fit overshoots or moves away from the truth."""
+    torch.manual_seed(0)
+    truth, decoded = torch.rand(5, 1, 8, 8), torch.rand(5, 1, 8, 8)
+    refined = truth + 0.7 * (torch.rand(5, 1, 8, 8) - 0.5)
+    shrinkage = Shrinkage()
+    shrinkage.fit(truth, decoded, refined, evaluations=10)
+    grid = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    errors = torch.stack([(truth - decoded - a * (refined - decoded)).double().pow(2).sum() for a in grid])
+    assert abs(float(shrinkage.alpha) - float(grid[errors.argmin()])) < 2e-4
+    low, fit, blend = (float(e) for e in shrinkage.errors)
+    assert blend <= min(low, fit) and shrinkage.diagnostics(False)["images"] == 5
+    shrinkage.fit(truth, decoded, decoded + 2 * (truth - decoded), evaluations=0)  # overshoots: α = 0.5
+    assert abs(float(shrinkage.alpha) - 0.5) < 1e-9
+    shrinkage.fit(truth, decoded, decoded - (truth - decoded), evaluations=0)  # moves away: clipped to 0
+    assert float(shrinkage.alpha) == 0.0
+    shrinkage.fit(truth, decoded, decoded + 0.5 * (truth - decoded), evaluations=0)  # short of it: clipped to 1
+    assert float(shrinkage.alpha) == 1.0
+
+
+def test_an_exact_release_is_not_calibrated_and_keeps_the_fit(setting, tmp_path):
+    data, client = setting
+    x = data.x_test[:2]
+    defense = defenses.get("none")
+    with torch.no_grad():
+        features = client(x)
+    rec = attacks.get("peel_prior", epochs=2, refine_iter=5, max_iter=5).reconstruct(
+        client, features, _context(data, client, defense, tmp_path))
+    assert rec.diagnostics["calibration"] is None and torch.equal(rec.images, rec.alternatives["refined"])
+
+
+def test_the_blend_is_calibrated_once_per_cell_and_shared_by_its_chunks(setting, tmp_path):
+    """Under noise α is calibrated on the first call and loaded by the next (the runner's later chunks) though the
+    query stream has moved on: one α per cell. Without a cell key (no cache) each call calibrates on fresh query
+    noise, and α differs: the coupling the cache removes."""
+    data, client = setting
+    x = data.x_test[:2]
+    defense = defenses.get("gaussian_noise", scale=0.3)
+    with torch.no_grad():
+        features = defense(client(x))
+    attack = attacks.get("peel_prior", epochs=2, refine_iter=10, max_iter=5, calibration=4)
+    context = _context(data, client, defense, tmp_path)
+    first, second = (attack.reconstruct(client, features, context).diagnostics["calibration"] for _ in range(2))
+    assert not first["from_cache"] and second["from_cache"] and first["alpha"] == second["alpha"]
+    assert first["images"] == 4 and first["evaluations"] > 0
+    uncached = dataclasses.replace(context, cache_key=None)
+    alphas = {attack.reconstruct(client, features, uncached).diagnostics["calibration"]["alpha"] for _ in range(2)}
+    assert len(alphas) == 2
