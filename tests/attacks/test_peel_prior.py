@@ -21,6 +21,13 @@ def _mse(a, b):
     return (a - b).pow(2).flatten(1).mean(1)
 
 
+def _attacked(data, client, count, name="none", **params):
+    """(the first ``count`` test images, the defense, the features it releases for them)."""
+    x, defense = data.x_test[:count], defenses.get(name, **params)
+    with torch.no_grad():
+        return x, defense, defense(client(x))
+
+
 def _context(data, client, defense, tmp_path, **extra):
     key = {"model": "m", "cut": "layer1", "defense": defense.name, "seed": 0}
     return AttackContext(image_shape=data.shape, auxiliary=auxiliary_split(data, seed=0),
@@ -34,10 +41,7 @@ def test_peel_prior_improves_on_its_decoder_start(setting, tmp_path, name, param
     features pin the image down) and under noise (the MAP weight keeps it near the decoder while the features
     still correct it)."""
     data, client = setting
-    x = data.x_test[:6]
-    defense = defenses.get(name, **params)
-    with torch.no_grad():
-        features = defense(client(x))
+    x, defense, features = _attacked(data, client, 6, name, **params)
     # the Gaussian MAP weight (prior_scale 1): at the tuned 0.1 this small fit overshoots the decoder under noise
     rec = attacks.get("peel_prior", epochs=6, refine_iter=60, max_iter=20, prior_scale=1.0,
                       calibration=0).reconstruct(client, features, _context(data, client, defense, tmp_path))
@@ -56,10 +60,7 @@ def test_peel_prior_improves_on_its_decoder_start(setting, tmp_path, name, param
 def test_peel_prior_shares_inverse_nets_cached_decoder(setting, tmp_path):
     """Same decoder parameters, same cell: one decoder is trained; peel_prior's start is inverse_net's image."""
     data, client = setting
-    x = data.x_test[:3]
-    defense = defenses.get("none")
-    with torch.no_grad():
-        features = client(x)
+    _, defense, features = _attacked(data, client, 3)
     plain = attacks.get("inverse_net", epochs=2).reconstruct(client, features,
                                                              _context(data, client, defense, tmp_path))
     hybrid = attacks.get("peel_prior", epochs=2, refine_iter=5, max_iter=5, blockwise=False).reconstruct(
@@ -149,10 +150,7 @@ def test_the_blend_weight_is_the_least_squares_choice_clipped_to_the_segment():
 
 def test_an_exact_release_is_not_calibrated_and_keeps_the_fit(setting, tmp_path):
     data, client = setting
-    x = data.x_test[:2]
-    defense = defenses.get("none")
-    with torch.no_grad():
-        features = client(x)
+    _, defense, features = _attacked(data, client, 2)
     rec = attacks.get("peel_prior", epochs=2, refine_iter=5, max_iter=5).reconstruct(
         client, features, _context(data, client, defense, tmp_path))
     assert rec.diagnostics["calibration"] is None and torch.equal(rec.images, rec.alternatives["refined"])
@@ -163,10 +161,7 @@ def test_the_blend_is_calibrated_once_per_cell_and_shared_by_its_chunks(setting,
     query stream has moved on: one α per cell. Without a cell key (no cache) each call calibrates on fresh query
     noise, and α differs: the coupling the cache removes."""
     data, client = setting
-    x = data.x_test[:2]
-    defense = defenses.get("gaussian_noise", scale=0.3)
-    with torch.no_grad():
-        features = defense(client(x))
+    _, defense, features = _attacked(data, client, 2, "gaussian_noise", scale=0.3)
     attack = attacks.get("peel_prior", epochs=2, refine_iter=10, max_iter=5, calibration=4)
     context = _context(data, client, defense, tmp_path)
     first, second = (attack.reconstruct(client, features, context).diagnostics["calibration"] for _ in range(2))
