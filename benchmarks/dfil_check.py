@@ -14,8 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from leakbench.evaluation.export import find_store
-from leakbench.evaluation.store import ResultStore, current_rows
+from leakbench.evaluation.export import current_results
 from leakbench.evaluation.tables import strength_labels
 
 
@@ -23,8 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="a results directory or its results.sqlite")
     args = parser.parse_args()
-    with ResultStore(find_store(args.results), read_only=True) as store:
-        cells, images = current_rows(store.cells()), store.images()
+    cells, images = current_results(args.results)
     cells = cells[cells["status"] == "done"].assign(strength=lambda c: strength_labels(c))
     rows = []
     for _, c in cells.iterrows():

@@ -23,8 +23,7 @@ import yaml
 
 from leakbench.evaluation.compare import compare
 from leakbench.evaluation.metrics import IMAGE_METRICS
-from leakbench.evaluation.export import find_store
-from leakbench.evaluation.store import ResultStore, current_rows
+from leakbench.evaluation.export import current_results
 
 
 def variant(text: str) -> dict[str, Any]:
@@ -66,8 +65,7 @@ def main() -> None:
     parser.add_argument("--metric", default="psnr")
     parser.add_argument("--best", action="store_true", help="also A against the best B of each cell group")
     args = parser.parse_args()
-    with ResultStore(find_store(args.results), read_only=True) as store:
-        cells, images = current_rows(store.cells()), store.images()
+    cells, images = current_results(args.results)
     print(f"Per variant: means over seeds of each cell's mean {args.metric}, worst case (PSNR p95, share "
           f"recognised), end-to-end and block-wise evaluations per image, and wall time per cell (s)\n")
     print(sides(cells, [args.a, *args.b], args.metric).to_markdown(index=False, floatfmt=".3g"))

@@ -14,8 +14,7 @@ import math
 
 import pandas as pd
 
-from leakbench.evaluation.export import find_store
-from leakbench.evaluation.store import ResultStore, current_rows
+from leakbench.evaluation.export import current_results
 from leakbench.evaluation.strongest import STRONGEST, strongest_rows
 from leakbench.evaluation.tables import strength_labels, variant_labels
 
@@ -28,8 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="a results directory or its results.sqlite")
     args = parser.parse_args()
-    with ResultStore(find_store(args.results), read_only=True) as store:
-        cells, images = current_rows(store.cells()), store.images()
+    cells, images = current_results(args.results)
     strongest, _ = strongest_rows(cells, images)
     cells = cells[cells["status"] == "done"]
     cells = cells.assign(attack_label=variant_labels(cells, "attack", "attack_params"))

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leakbench.evaluation.store import IDENTITY_COLUMNS, ResultStore
+import pandas as pd
+
+from leakbench.evaluation.store import IDENTITY_COLUMNS, ResultStore, current_rows
 from leakbench.splitnn.faults import writing
 
 FORMATS = ("csv", "parquet")
@@ -19,6 +21,13 @@ def find_store(path: str | Path) -> Path:
     if not candidate.is_file():
         raise FileNotFoundError(2, "no result store (results.sqlite) there", str(candidate))
     return candidate
+
+
+def current_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the current cells, every image row) of the store at ``path`` (``find_store``), opened read-only: what the
+    benchmark scripts that read a results directory start from. Stale cells (other code) are left out."""
+    with ResultStore(find_store(path), read_only=True) as store:
+        return current_rows(store.cells()), store.images()
 
 
 def export(source: str | Path, fmt: str = "csv", out: str | Path | None = None) -> dict[str, Path]:
